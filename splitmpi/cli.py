@@ -1,0 +1,104 @@
+"""``python -m splitmpi``: resolve the config, agree that every rank can start, then run
+the rank's role. One rank's uncaught exception aborts the whole job (no rank hangs)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import traceback
+
+import yaml
+from mpi4py import MPI
+
+from . import client, config, server
+from .errors import ConfigError
+from .results import ResultsWriter
+from .runtime import make_context
+
+
+def abort_on_exception(kind, exc, tb) -> None:
+    """Print the failing rank's traceback, then take every rank down with MPI_Abort."""
+    rank = MPI.COMM_WORLD.Get_rank()
+    sys.stderr.write(f"splitmpi: rank {rank} failed, aborting the job:\n")
+    traceback.print_exception(kind, exc, tb, file=sys.stderr)
+    sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(1)
+
+
+def _keys(section, prefix="") -> list[str]:
+    lines = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += _keys(value, f"{prefix}{f.name}.")
+        else:
+            lines.append(f"  {prefix}{f.name}={value!r}")
+    return lines
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m splitmpi",
+        description="Split learning over MPI: rank 0 is the cloud server, ranks 1..N the "
+                    "clients. Launch with mpirun -n 1+CLIENTS.",
+        epilog="config keys and defaults (override any with key=value):\n"
+               + "\n".join(_keys(config.Config())),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", help="YAML config file (default: the built-in defaults)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.epochs=5 model.cut=layer2")
+    return p
+
+
+def agree(world: MPI.Comm, step):
+    """Run ``step`` on every rank; if any rank raised ConfigError, all exit 2 and rank 0
+    prints the first message. Returns ``step``'s result."""
+    result, problem = None, None
+    try:
+        result = step()
+    except ConfigError as exc:
+        problem = str(exc)
+    problems = world.allgather(problem)
+    failed = [(r, p) for r, p in enumerate(problems) if p]
+    if failed:
+        if world.Get_rank() == 0:
+            rank, text = failed[0]
+            where = f" (rank {rank})" if rank else ""
+            sys.stderr.write(f"splitmpi: error{where}: {text}\n")
+            sys.stderr.flush()
+        sys.exit(ConfigError.exit_code)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.excepthook = abort_on_exception
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    if rank != 0:  # one copy of --help and of argument errors, not one per rank
+        sys.stdout = sys.stderr = open("/dev/null", "w")
+    args = parser().parse_args(argv)
+    if rank != 0:
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    cfg, clients = agree(world, lambda: _resolve(args, world.Get_size()))
+    if args.print_config:
+        if rank == 0:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    ctx = make_context(cfg, world, clients)
+    role = server if ctx.is_server else client
+    me = agree(world, lambda: role.prepare(ctx))
+    if ctx.is_server:
+        ctx.log(f"splitmpi: {clients} clients, world size {world.Get_size()}, "
+                f"device {ctx.device}, output {cfg.output}")
+        ctx.log("config: " + cfg.to_json())
+        server.run(ctx, me, ResultsWriter(cfg, world.Get_size(), clients))
+    else:
+        client.run(ctx, me)
+    return 0
+
+
+def _resolve(args, world_size: int):
+    cfg = config.load(args.config, args.overrides)
+    return cfg, config.check_world(cfg, world_size)

@@ -1,0 +1,131 @@
+"""Client ranks 1..N: data shard, extractor, classifier (u_shape), optimizer.
+
+One epoch, as the server sees it (``server.py`` is the other half of each step):
+  train phase  - per batch: send activation -> (u_shape) get features, classifier, loss,
+                 send feature grad -> get activation grad, extractor backward, step.
+                 An empty activation ends the phase.
+  share        - extractors averaged over the client communicator (``split.share``).
+  eval phase   - per test batch: send activation -> get features/logits; then an empty
+                 activation and this epoch's report (metrics, counters) to rank 0.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import data, models, sharing
+from .runtime import SERVER, Context
+from .transport import Kind, wait
+
+
+@dataclass
+class Client:
+    extractor: nn.Module
+    classifier: nn.Module | None  # None in label_sharing: the server holds the output layer
+    optimizer: torch.optim.Optimizer | None  # None when nothing on this client learns
+    train_loader: torch.utils.data.DataLoader
+    test_loader: torch.utils.data.DataLoader
+    classes: list[int]
+
+
+def prepare(ctx: Context) -> Client:
+    """Everything that can fail on bad input, before any message is exchanged."""
+    cfg = ctx.cfg
+    data.check_available(cfg.data)
+    train_loader, test_loader, classes = data.client_loaders(cfg, ctx.rank, ctx.clients)
+    spec = data.spec(cfg.data)
+    parts = models.build(cfg.model, spec.channels, spec.image_size, spec.num_classes,
+                         cfg.train.seed)
+    extractor = parts.extractor.to(ctx.device)
+    classifier = parts.classifier.to(ctx.device) if cfg.split.topology == "u_shape" else None
+    params = list(extractor.parameters()) + (list(classifier.parameters()) if classifier else [])
+    optimizer = (torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                 weight_decay=cfg.train.weight_decay) if params else None)
+    return Client(extractor, classifier, optimizer, train_loader, test_loader, classes)
+
+
+def run(ctx: Context, me: Client) -> None:
+    torch.manual_seed(ctx.cfg.train.seed * 1000 + ctx.rank)
+    for epoch in range(ctx.cfg.train.epochs):
+        train = train_epoch(ctx, me)
+        shared_bytes = 0
+        if ctx.cfg.split.share:
+            shared_bytes = sharing.average_extractor(me.extractor, ctx.clients_comm)
+        test = evaluate(ctx, me)
+        report = {"epoch": epoch, "classes": me.classes, **train, **test,
+                  "share_bytes": shared_bytes, **ctx.transport.counters()}
+        ctx.world.send(report, dest=SERVER, tag=Kind.REPORT)
+
+
+def _end_phase(ctx: Context, kind: Kind, like: torch.Tensor | None) -> None:
+    """An activation with no samples tells the server this client's phase is over."""
+    shape = (0,) + (tuple(like.shape[1:]) if like is not None else ())
+    ctx.transport.send(torch.empty(shape), SERVER, kind)
+
+
+def train_epoch(ctx: Context, me: Client) -> dict:
+    t, dev = ctx.transport, ctx.device
+    me.extractor.train()
+    if me.classifier is not None:
+        me.classifier.train()
+    loss_sum, correct, seen, a = 0.0, 0, 0, None
+    start = time.perf_counter()
+    for x, y in me.train_loader:
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        if me.optimizer is not None:
+            me.optimizer.zero_grad(set_to_none=True)
+        with ctx.autocast():
+            a = me.extractor(x)
+        sends = t.isend(a, SERVER, Kind.ACTIVATION)
+        if me.classifier is None:  # label_sharing: the server computes the loss
+            sends += t.isend(y, SERVER, Kind.LABELS)
+            stats = t.recv(SERVER, Kind.LOSS)
+            batch_loss, batch_correct = float(stats[0]), int(stats[1])
+        else:
+            h = t.recv(SERVER, Kind.FEATURES, dev).requires_grad_()
+            with ctx.autocast():
+                logits = me.classifier(h)
+                loss = nn.functional.cross_entropy(logits.float(), y)
+            loss.backward()
+            wait(sends)
+            sends = t.isend(h.grad, SERVER, Kind.FEATURE_GRAD)
+            batch_loss = loss.item() * len(y)
+            batch_correct = int((logits.argmax(1) == y).sum())
+        if a.requires_grad:
+            a.backward(t.recv(SERVER, Kind.ACTIVATION_GRAD, dev, a.dtype))
+        if me.optimizer is not None:
+            me.optimizer.step()
+        wait(sends)
+        loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(y)
+    seconds = time.perf_counter() - start
+    _end_phase(ctx, Kind.ACTIVATION, a)
+    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+            "train_samples": seen, "train_seconds": seconds,
+            "samples_per_s": seen / seconds if seconds > 0 else 0.0}
+
+
+@torch.no_grad()
+def evaluate(ctx: Context, me: Client) -> dict:
+    t, dev = ctx.transport, ctx.device
+    me.extractor.eval()
+    if me.classifier is not None:
+        me.classifier.eval()
+    loss_sum, correct, seen, a = 0.0, 0, 0, None
+    for x, y in me.test_loader:
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        with ctx.autocast():
+            a = me.extractor(x)
+        sends = t.isend(a, SERVER, Kind.EVAL_ACTIVATION)
+        h = t.recv(SERVER, Kind.FEATURES, dev)
+        with ctx.autocast():
+            logits = h if me.classifier is None else me.classifier(h)
+        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        wait(sends)
+    _end_phase(ctx, Kind.EVAL_ACTIVATION, a)
+    return {"test_loss": loss_sum / max(seen, 1), "test_accuracy": correct / max(seen, 1),
+            "test_samples": seen}

@@ -1,0 +1,103 @@
+"""The run's HDF5 file, written by rank 0 alone (DESIGN.md 3 is the contract).
+
+Layout (every series has one row per finished epoch):
+  /                     attrs: config (JSON), splitmpi_version, mpi_library, world_size,
+                        clients, started, finished (only once the run finished)
+  /clients/<k>/<series> float64; k = 1..N; attrs: classes (the client's classes)
+  /epochs/seconds       float64 wall seconds of each epoch
+  /comm/<counter>       int64 (epochs, world_size): per-rank bytes/messages sent/received
+                        during that epoch (transport messages; sharing bytes are per client)
+
+Structure is created up front; rows are appended and flushed each epoch, so a killed job
+leaves a readable file holding every finished epoch.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+from mpi4py import MPI
+
+from . import __version__
+from .config import Config
+from .errors import ConfigError
+
+CLIENT_SERIES = ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                 "train_samples", "test_samples", "samples_per_s", "train_seconds",
+                 "share_bytes", "batches_served", "queue_wait_seconds", "server_busy_seconds")
+COMM_COUNTERS = ("bytes_sent", "bytes_received", "messages_sent", "messages_received")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def check_output(cfg: Config) -> None:
+    """Refuse to clobber results or to start a run whose file cannot be written."""
+    path = Path(cfg.output)
+    if path.exists() and not cfg.overwrite:
+        raise ConfigError(f"output {path} already exists",
+                          "pass output=OTHER.h5, or overwrite=true to replace it")
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create output folder {folder}: {exc.strerror}",
+                          "set output= to a writable path")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"output folder {folder} is not writable",
+                          "set output= to a writable path")
+
+
+class ResultsWriter:
+    def __init__(self, cfg: Config, world_size: int, clients: int):
+        self.file = h5py.File(cfg.output, "w")
+        attrs = self.file.attrs
+        attrs["config"] = cfg.to_json()
+        attrs["splitmpi_version"] = __version__
+        attrs["mpi_library"] = MPI.Get_library_version().strip()
+        attrs["world_size"] = world_size
+        attrs["clients"] = clients
+        attrs["started"] = _now()
+        for k in range(1, clients + 1):
+            group = self.file.create_group(f"clients/{k}")
+            for name in CLIENT_SERIES:
+                group.create_dataset(name, shape=(0,), maxshape=(None,), dtype="f8")
+        self.file.create_dataset("epochs/seconds", shape=(0,), maxshape=(None,), dtype="f8")
+        for name in COMM_COUNTERS:
+            self.file.create_dataset(f"comm/{name}", shape=(0, world_size),
+                                     maxshape=(None, world_size), dtype="i8")
+        self.previous = np.zeros((len(COMM_COUNTERS), world_size), dtype=np.int64)
+        self.file.flush()
+
+    @staticmethod
+    def _append(dataset: h5py.Dataset, row) -> None:
+        dataset.resize(dataset.shape[0] + 1, axis=0)
+        dataset[-1] = row
+
+    def append_epoch(self, seconds: float, reports: dict[int, dict], server: dict) -> None:
+        """One row everywhere: ``reports`` per client (metrics, counters), ``server`` counters."""
+        for k, report in reports.items():
+            group = self.file[f"clients/{k}"]
+            if "classes" not in group.attrs:
+                group.attrs["classes"] = np.asarray(report["classes"], dtype=np.int64)
+            for name in CLIENT_SERIES:
+                self._append(group[name], report[name])
+        self._append(self.file["epochs/seconds"], seconds)
+        totals = np.array([[server[c]] + [reports[k][c] for k in sorted(reports)]
+                           for c in COMM_COUNTERS], dtype=np.int64)
+        for i, name in enumerate(COMM_COUNTERS):
+            self._append(self.file[f"comm/{name}"], totals[i] - self.previous[i])
+        self.previous = totals
+        self.file.flush()
+
+    def finish(self) -> None:
+        self.file.attrs["finished"] = _now()
+        self.file.close()
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()

@@ -1,0 +1,81 @@
+"""What a rank knows about where it runs: communicators, device, threads, logging."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from mpi4py import MPI
+
+from .config import Config
+from .errors import ConfigError
+from .transport import Transport
+
+SERVER = 0
+
+
+@dataclass
+class Context:
+    cfg: Config
+    world: MPI.Comm
+    clients_comm: MPI.Comm | None  # client-only sub-communicator; None on the server
+    clients: int
+    device: torch.device
+    transport: Transport
+
+    @property
+    def rank(self) -> int:
+        return self.world.Get_rank()
+
+    @property
+    def is_server(self) -> bool:
+        return self.rank == SERVER
+
+    def autocast(self):
+        """bf16 mixed precision where ``train.amp=bf16``; a no-op context otherwise."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.train.amp == "bf16")
+
+    def log(self, message: str) -> None:
+        """Rank 0 alone logs (DESIGN.md 4: writers and loggers exist on rank 0 only)."""
+        if self.is_server:
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def local_comm(world: MPI.Comm) -> MPI.Comm:
+    return world.Split_type(MPI.COMM_TYPE_SHARED)
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    """``cuda:local_rank % n`` when CUDA is there (auto) or demanded (cuda), else the CPU."""
+    available = torch.cuda.is_available()
+    if choice == "cuda" and not available:
+        raise ConfigError("train.device=cuda but no CUDA device is visible to this rank",
+                          "use train.device=auto or cpu, or run on a GPU node")
+    if choice == "cpu" or not available:
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def pick_threads(requested: int, ranks_on_node: int) -> int:
+    """Share the node's cores between its ranks: oversubscribed BLAS threads crawl."""
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // ranks_on_node)
+
+
+def make_context(cfg: Config, world: MPI.Comm, clients: int) -> Context:
+    """Collective: every rank calls it; the collectives come before anything can raise."""
+    local = local_comm(world)
+    local_rank, ranks_on_node = local.Get_rank(), local.Get_size()
+    local.Free()
+    rank = world.Get_rank()
+    clients_comm = world.Split(MPI.UNDEFINED if rank == SERVER else 1, rank)
+    if clients_comm == MPI.COMM_NULL:
+        clients_comm = None
+    torch.set_num_threads(pick_threads(cfg.train.threads, ranks_on_node))
+    transport = Transport(world, cfg.comm.wire_dtype, cfg.comm.gpu_aware)
+    device = pick_device(cfg.train.device, local_rank)
+    return Context(cfg, world, clients_comm, clients, device, transport)

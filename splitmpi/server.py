@@ -1,0 +1,128 @@
+"""Rank 0, the cloud server: cloud model (+ output layer in label_sharing), optimizer,
+the schedule of client requests, and the one HDF5 writer.
+
+One epoch, as the clients see it (``client.py`` is the other half of each step):
+  train phase  - per request: get activation -> cloud forward -> (u_shape) send features,
+                 get feature grad | (label_sharing) get labels, loss, send loss
+                 -> backward -> send activation grad -> step. Ends when every client
+                 has sent an empty activation.
+  eval phase   - per request: get activation -> forward -> send features/logits.
+  reports      - one report per client; one HDF5 row per series; one log line per client.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import data, models, results, schedule
+from .runtime import Context
+from .transport import Kind, wait
+
+
+@dataclass
+class Server:
+    cloud: nn.Module
+    head: nn.Module | None  # the output layer, label_sharing only
+    optimizer: torch.optim.Optimizer
+    schedule: schedule.Schedule
+    send_grad: bool  # False when the clients' extractors have nothing to learn (cnn5 cut 0)
+
+
+def prepare(ctx: Context) -> Server:
+    cfg = ctx.cfg
+    results.check_output(cfg)
+    spec = data.spec(cfg.data)
+    parts = models.build(cfg.model, spec.channels, spec.image_size, spec.num_classes,
+                         cfg.train.seed)
+    cloud = parts.cloud.to(ctx.device)
+    head = parts.classifier.to(ctx.device) if cfg.split.topology == "label_sharing" else None
+    params = list(cloud.parameters()) + (list(head.parameters()) if head else [])
+    optimizer = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                weight_decay=cfg.train.weight_decay)
+    return Server(cloud, head, optimizer, schedule.make(cfg.server.schedule, ctx.world),
+                  models.has_parameters(parts.extractor))
+
+
+def run(ctx: Context, me: Server, writer: results.ResultsWriter) -> None:
+    cfg = ctx.cfg
+    torch.manual_seed(cfg.train.seed * 1000)
+    for epoch in range(cfg.train.epochs):
+        start = time.perf_counter()
+        served = serve_phase(ctx, me, Kind.ACTIVATION, train_step)
+        serve_phase(ctx, me, Kind.EVAL_ACTIVATION, eval_step)
+        reports = {k: ctx.world.recv(source=k, tag=Kind.REPORT) for k in range(1, ctx.clients + 1)}
+        seconds = time.perf_counter() - start
+        for k, report in reports.items():
+            report.update(served[k])
+            ctx.log(f"epoch {epoch + 1}/{cfg.train.epochs} client {k}: "
+                    f"train loss {report['train_loss']:.4f} acc {report['train_accuracy']:.4f} "
+                    f"| test acc {report['test_accuracy']:.4f} (n={report['test_samples']}) "
+                    f"| {report['samples_per_s']:.0f} samples/s")
+        writer.append_epoch(seconds, reports, ctx.transport.counters())
+        ctx.log(f"epoch {epoch + 1}/{cfg.train.epochs} done in {seconds:.1f} s")
+    writer.finish()
+
+
+def serve_phase(ctx: Context, me: Server, kind: Kind, step) -> dict[int, dict]:
+    """Serve requests on ``kind`` in schedule order until every client has ended the phase."""
+    active = list(range(1, ctx.clients + 1))
+    stats = defaultdict(lambda: {"batches_served": 0, "queue_wait_seconds": 0.0,
+                                 "server_busy_seconds": 0.0})
+    while active:
+        waited = time.perf_counter()
+        k = me.schedule.next(active, kind)
+        a = ctx.transport.recv(k, kind, ctx.device)
+        began = time.perf_counter()
+        if a.shape[0] == 0:
+            active.remove(k)
+            continue
+        step(ctx, me, k, a)
+        s = stats[k]
+        s["batches_served"] += 1
+        s["queue_wait_seconds"] += began - waited
+        s["server_busy_seconds"] += time.perf_counter() - began
+        every = ctx.cfg.train.log_every
+        if every and kind == Kind.ACTIVATION and s["batches_served"] % every == 0:
+            ctx.log(f"client {k}: {s['batches_served']} batches served")
+    return {k: stats[k] for k in range(1, ctx.clients + 1)}
+
+
+def train_step(ctx: Context, me: Server, k: int, a: torch.Tensor) -> None:
+    t = ctx.transport
+    a.requires_grad_(me.send_grad)
+    me.cloud.train()
+    me.optimizer.zero_grad(set_to_none=True)
+    with ctx.autocast():
+        h = me.cloud(a)
+    if me.head is None:  # u_shape: the client's classifier computes the loss
+        sends = t.isend(h, k, Kind.FEATURES)
+        h.backward(t.recv(k, Kind.FEATURE_GRAD, ctx.device, h.dtype))
+    else:  # label_sharing: labels came with the activation
+        me.head.train()
+        y = t.recv(k, Kind.LABELS, ctx.device)
+        with ctx.autocast():
+            logits = me.head(h)
+        loss = nn.functional.cross_entropy(logits.float(), y)
+        loss.backward()
+        stats = torch.tensor([loss.item() * len(y), float((logits.argmax(1) == y).sum())],
+                             dtype=torch.float64)
+        sends = t.isend(stats, k, Kind.LOSS)
+    if me.send_grad:
+        sends += t.isend(a.grad, k, Kind.ACTIVATION_GRAD)
+    me.optimizer.step()
+    wait(sends)
+
+
+@torch.no_grad()
+def eval_step(ctx: Context, me: Server, k: int, a: torch.Tensor) -> None:
+    me.cloud.eval()
+    with ctx.autocast():
+        out = me.cloud(a)
+        if me.head is not None:
+            me.head.eval()
+            out = me.head(out)
+    ctx.transport.send(out, k, Kind.FEATURES)
