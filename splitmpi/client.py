@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import data, models, sharing
+from .defense import Defense
 from .runtime import SERVER, Context
 from .transport import Kind, wait
 
@@ -25,6 +26,7 @@ from .transport import Kind, wait
 class Client:
     extractor: nn.Module
     classifier: nn.Module | None  # None in label_sharing: the server holds the output layer
+    defense: Defense  # what is done to activations before they are sent
     optimizer: torch.optim.Optimizer | None  # None when nothing on this client learns
     train_loader: torch.utils.data.DataLoader
     test_loader: torch.utils.data.DataLoader
@@ -44,7 +46,8 @@ def prepare(ctx: Context) -> Client:
     params = list(extractor.parameters()) + (list(classifier.parameters()) if classifier else [])
     optimizer = (torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
                                  weight_decay=cfg.train.weight_decay) if params else None)
-    return Client(extractor, classifier, optimizer, train_loader, test_loader, classes)
+    return Client(extractor, classifier, Defense(cfg.defense), optimizer, train_loader,
+                  test_loader, classes)
 
 
 def run(ctx: Context, me: Client) -> None:
@@ -69,6 +72,7 @@ def _end_phase(ctx: Context, kind: Kind, like: torch.Tensor | None) -> None:
 def train_epoch(ctx: Context, me: Client) -> dict:
     t, dev = ctx.transport, ctx.device
     me.extractor.train()
+    me.defense.train()
     if me.classifier is not None:
         me.classifier.train()
     loss_sum, correct, seen, a = 0.0, 0, 0, None
@@ -79,7 +83,9 @@ def train_epoch(ctx: Context, me: Client) -> dict:
             me.optimizer.zero_grad(set_to_none=True)
         with ctx.autocast():
             a = me.extractor(x)
-        sends = t.isend(a, SERVER, Kind.ACTIVATION)
+            sent = me.defense(a)
+            penalty = me.defense.penalty(x, a)
+        sends = t.isend(sent, SERVER, Kind.ACTIVATION)
         if me.classifier is None:  # label_sharing: the server computes the loss
             sends += t.isend(y, SERVER, Kind.LABELS)
             stats = t.recv(SERVER, Kind.LOSS)
@@ -94,8 +100,10 @@ def train_epoch(ctx: Context, me: Client) -> dict:
             sends = t.isend(h.grad, SERVER, Kind.FEATURE_GRAD)
             batch_loss = loss.item() * len(y)
             batch_correct = int((logits.argmax(1) == y).sum())
-        if a.requires_grad:
-            a.backward(t.recv(SERVER, Kind.ACTIVATION_GRAD, dev, a.dtype))
+        if sent.requires_grad:
+            grad = t.recv(SERVER, Kind.ACTIVATION_GRAD, dev, sent.dtype)
+            extra = [] if penalty is None else [penalty]
+            torch.autograd.backward([sent] + extra, [grad] + [None] * len(extra))
         if me.optimizer is not None:
             me.optimizer.step()
         wait(sends)
@@ -111,13 +119,14 @@ def train_epoch(ctx: Context, me: Client) -> dict:
 def evaluate(ctx: Context, me: Client) -> dict:
     t, dev = ctx.transport, ctx.device
     me.extractor.eval()
+    me.defense.eval()
     if me.classifier is not None:
         me.classifier.eval()
     loss_sum, correct, seen, a = 0.0, 0, 0, None
     for x, y in me.test_loader:
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with ctx.autocast():
-            a = me.extractor(x)
+            a = me.defense(me.extractor(x))
         sends = t.isend(a, SERVER, Kind.EVAL_ACTIVATION)
         h = t.recv(SERVER, Kind.FEATURES, dev)
         with ctx.autocast():

@@ -74,6 +74,27 @@ class ServerConfig:
 
 
 @dataclass
+class DefenseConfig:
+    noise_sigma: float = 0.0  # std of Gaussian noise added to every activation sent
+    nopeek_alpha: float = 0.0  # weight of the NoPeek distance-correlation loss
+    dropout: float = 0.0  # dropout probability on the cut (training only)
+
+
+@dataclass
+class AttackConfig:
+    method: str = "decoder"  # decoder (inverse network) | rmle (white-box optimisation)
+    checkpoint: str = ""  # extractor to attack (.pt); empty: train the config's model first
+    aux_samples: int = 1000  # attacker's auxiliary images, same distribution as the clients'
+    eval_samples: int = 64  # clients' held-out images the attack is scored on
+    epochs: int = 10  # decoder training epochs
+    batch_size: int = 64
+    lr: float = 0.001
+    rmle_steps: int = 200
+    rmle_tv: float = 0.01  # total-variation prior weight
+    grid: int = 8  # originals/reconstructions stored for figures
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -81,6 +102,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     clients: int = 0  # 0: world size - 1; otherwise must equal it
     output: str = "results.h5"
     overwrite: bool = False
@@ -100,6 +123,7 @@ CHOICES = {
     "train.amp": ("none", "bf16"),
     "comm.wire_dtype": ("float32", "bfloat16", "float16"),
     "server.schedule": ("round_robin", "sequential", "fifo"),
+    "attack.method": ("decoder", "rmle"),
 }
 
 CUTS = {"resnet50": ("layer1", "layer2", "layer3"), "cnn5": (0, 1, 2, 3, 4)}
@@ -224,6 +248,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} must be at least 1", f"set {key} to 1 or more")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr={cfg.train.lr} must be positive", "set train.lr > 0")
+    d = cfg.defense
+    if d.noise_sigma < 0 or d.nopeek_alpha < 0 or not 0 <= d.dropout < 1:
+        raise ConfigError("defense settings out of range (noise_sigma >= 0, nopeek_alpha >= 0, "
+                          "0 <= dropout < 1)", "fix the defense.* values")
     if cfg.data.dirichlet_alpha <= 0:
         raise ConfigError("data.dirichlet_alpha must be positive", "set it > 0, e.g. 0.5")
     if cfg.data.image_size < 0 or (0 < cfg.data.image_size < 8):

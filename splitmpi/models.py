@@ -57,7 +57,17 @@ def _cnn5(cut: int, channels: int, image_size: int, num_classes: int) -> SplitMo
         width, size = filters, -(-size // 2)
     cloud = nn.Sequential(*blocks[cut:], nn.Flatten(), nn.Linear(width * size * size, 512),
                           nn.ReLU())
-    return SplitModel(nn.Sequential(*blocks[:cut]), cloud, nn.Linear(512, num_classes))
+    head = nn.Linear(512, num_classes)
+    for layer in [*blocks, cloud, head]:
+        layer.apply(_he_init)
+    return SplitModel(nn.Sequential(*blocks[:cut]), cloud, head)
+
+
+def _he_init(layer: nn.Module) -> None:
+    """He init: with PyTorch's default, five plain ReLU blocks start on a long plateau."""
+    if isinstance(layer, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+        nn.init.zeros_(layer.bias)
 
 
 def has_parameters(module: nn.Module) -> bool:
