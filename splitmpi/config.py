@@ -50,7 +50,7 @@ class SplitConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
+    epochs: int = 5
     batch_size: int = 32
     lr: float = 0.01
     momentum: float = 0.9

@@ -22,7 +22,8 @@ def mpiexec() -> str:
 
 def env() -> dict:
     e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    # the project, and tests/ for the MPI check scripts that tests start as modules
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), e.get("PYTHONPATH", "")])
     e.setdefault("OMP_NUM_THREADS", "1")
     return e
 

@@ -1,0 +1,276 @@
+"""Data: the real file formats through the users' path, partitions, per-client test sets,
+the synthetic set, and reproducible batch order."""
+import numpy as np
+import pytest
+import torch
+from datasets import write_cifar10, write_imagefolder, write_mnist
+
+from splitmpi import data
+from splitmpi.config import Config, DataConfig
+from splitmpi.errors import ConfigError
+
+
+def make_cfg(name="synthetic", root="data", **data_values) -> Config:
+    cfg = Config()
+    cfg.data.name, cfg.data.root = name, str(root)
+    for key, value in data_values.items():
+        setattr(cfg.data, key, value)
+    cfg.train.batch_size = 8
+    return cfg
+
+
+def everything(loader):
+    """All (images, labels) of one pass, concatenated."""
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def assert_normalised(x, channels, size):
+    assert x.dtype == torch.float32 and x.shape[1:] == (channels, size, size)
+    assert x.min() >= -1 and x.max() <= 1
+    assert x.min() < -0.5 and x.max() > 0.5  # uses the range, not a sliver of it
+
+
+# --- real formats through client_loaders ---------------------------------------------------
+
+def test_mnist_idx_files(tmp_path):
+    written = write_mnist(tmp_path)
+    train, test, classes = data.client_loaders(make_cfg("mnist", tmp_path), 1, 3)
+    assert classes == [0, 1, 2, 3]
+    x, y = everything(train)
+    assert_normalised(x, 1, 28)
+    assert sorted(y.tolist()) == sorted(np.repeat(classes, 10).tolist())
+    xt, yt = everything(test)
+    mine = np.isin(written.test_labels, classes)
+    assert yt.tolist() == written.test_labels[mine].tolist()
+    expected = torch.from_numpy(written.test_images[mine]).float() / 255 * 2 - 1
+    torch.testing.assert_close(xt[:, 0], expected)
+
+
+def test_mnist_resized(tmp_path):
+    write_mnist(tmp_path)
+    cfg = make_cfg("mnist", tmp_path, image_size=32)
+    assert data.spec(cfg.data) == data.DataSpec(1, 32, 10)
+    x, _ = next(iter(data.client_loaders(cfg, 1, 1)[0]))
+    assert_normalised(x, 1, 32)
+
+
+def test_cifar10_batches(tmp_path):
+    written = write_cifar10(tmp_path)
+    train, test, classes = data.client_loaders(make_cfg("cifar10", tmp_path), 2, 3)
+    assert classes == [4, 5, 6]
+    x, y = everything(train)
+    assert_normalised(x, 3, 32)
+    assert set(y.tolist()) == {4, 5, 6} and len(y) == 30
+    xt, yt = everything(test)  # no augmentation: exactly the stored pixels
+    mine = np.isin(written.test_labels, classes)
+    assert yt.tolist() == written.test_labels[mine].tolist()
+    expected = torch.from_numpy(written.test_images[mine]).permute(0, 3, 1, 2).float() / 255
+    torch.testing.assert_close(xt, expected * 2 - 1)
+
+
+def test_imagenet_folders(tmp_path):
+    write_imagefolder(tmp_path, classes=4)
+    cfg = make_cfg("imagenet", tmp_path, image_size=32)
+    assert data.spec(cfg.data) == data.DataSpec(3, 32, 4)
+    train, test, classes = data.client_loaders(cfg, 2, 2)
+    assert classes == [2, 3]
+    x, y = everything(train)
+    assert_normalised(x, 3, 32)
+    assert sorted(y.tolist()) == [2, 2, 2, 3, 3, 3]
+    xt, yt = everything(test)
+    assert_normalised(xt, 3, 32)
+    assert sorted(yt.tolist()) == [2, 2, 3, 3]
+
+
+# --- missing files -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", data.MNIST_FILES)
+def test_missing_mnist_file_is_named(tmp_path, name):
+    write_mnist(tmp_path)
+    (tmp_path / "MNIST" / "raw" / name).unlink()
+    with pytest.raises(ConfigError, match=f"MNIST file .*{name} not found"):
+        data.client_datasets(make_cfg("mnist", tmp_path), 1, 1)
+
+
+def test_missing_cifar10_file_is_named(tmp_path):
+    write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(ConfigError, match="data_batch_3 not found") as err:
+        data.check_available(make_cfg("cifar10", tmp_path).data)
+    assert "cifar-10-python.tar.gz" in err.value.fix
+
+
+def test_missing_imagenet_val(tmp_path):
+    write_imagefolder(tmp_path)
+    for image in (tmp_path / "val").rglob("*.JPEG"):
+        image.unlink()
+    for folder in (tmp_path / "val").iterdir():
+        folder.rmdir()
+    (tmp_path / "val").rmdir()
+    with pytest.raises(ConfigError, match="val not found"):
+        data.check_available(make_cfg("imagenet", tmp_path).data)
+
+
+def test_imagenet_class_folders_must_match(tmp_path):
+    write_imagefolder(tmp_path)
+    (tmp_path / "val" / "n00000003").rename(tmp_path / "val" / "n00000009")
+    with pytest.raises(ConfigError, match="n00000003, n00000009"):
+        data.check_available(make_cfg("imagenet", tmp_path).data)
+
+
+def test_imagenet_spec_needs_the_folder(tmp_path):
+    with pytest.raises(ConfigError, match="train not found"):
+        data.spec(make_cfg("imagenet", tmp_path).data)
+
+
+def test_synthetic_needs_no_files(tmp_path):
+    data.check_available(make_cfg("synthetic", tmp_path / "nothing").data)
+
+
+# --- partitions ----------------------------------------------------------------------------
+
+TARGETS = np.repeat(np.arange(10), 7)
+
+
+def classes_of(shards):
+    return [sorted(set(TARGETS[s].tolist())) for s in shards]
+
+
+def test_blocks_are_the_papers_split():
+    shards = data.partition(TARGETS, 10, 3, DataConfig(), seed=0)
+    assert classes_of(shards) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert sorted(np.concatenate(shards).tolist()) == list(range(len(TARGETS)))
+
+
+def test_blocks_need_a_class_per_client():
+    with pytest.raises(ConfigError, match="at most 10 clients"):
+        data.partition(TARGETS, 10, 11, DataConfig(), seed=0)
+
+
+def test_explicit_lists_split_shared_classes_evenly():
+    cfg = DataConfig(partition=[[0, 1], [1, 2]])
+    shards = data.partition(TARGETS, 10, 2, cfg, seed=0)
+    assert classes_of(shards) == [[0, 1], [1, 2]]
+    assert not set(shards[0]) & set(shards[1])
+    shared = [int(np.sum(TARGETS[s] == 1)) for s in shards]
+    assert sorted(shared) == [3, 4]
+    assert [s.tolist() for s in data.partition(TARGETS, 10, 2, cfg, seed=0)] == \
+        [s.tolist() for s in shards]
+
+
+def test_partition_naming_a_missing_class():
+    cfg = DataConfig(name="mnist", partition=[[0, 12], [1]])
+    with pytest.raises(ConfigError, match="names class 12 but mnist has 10 classes"):
+        data.partition(TARGETS, 10, 2, cfg, seed=0)
+    with pytest.raises(ConfigError, match="names class 12 but synthetic has 10 classes"):
+        data.client_datasets(make_cfg(partition=[[0, 12], [1]]), 1, 2)
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_random_partitions_cover_once_and_are_seeded(scheme):
+    cfg = DataConfig(partition=scheme, dirichlet_alpha=0.05)
+    shards = data.partition(TARGETS, 10, 7, cfg, seed=3)
+    assert sorted(np.concatenate(shards).tolist()) == list(range(len(TARGETS)))
+    assert all(len(s) > 0 for s in shards)
+    again = data.partition(TARGETS, 10, 7, cfg, seed=3)
+    assert [s.tolist() for s in again] == [s.tolist() for s in shards]
+    other = data.partition(TARGETS, 10, 7, cfg, seed=4)
+    assert [s.tolist() for s in other] != [s.tolist() for s in shards]
+
+
+def test_iid_is_balanced():
+    sizes = [len(s) for s in data.partition(TARGETS, 10, 3, DataConfig(partition="iid"), 0)]
+    assert sizes == [24, 23, 23]
+
+
+def test_client_without_training_samples():
+    cfg = make_cfg(train_size=5)  # only classes 0..4 have samples; client 3 gets 7..9
+    with pytest.raises(ConfigError, match="client 3 gets no training samples"):
+        data.client_datasets(cfg, 3, 3)
+
+
+# --- per-client data sets ------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", ["blocks", "dirichlet"])
+def test_test_set_holds_only_the_clients_classes(scheme):
+    cfg = make_cfg(partition=scheme, train_size=300, test_size=100)
+    for client in (1, 2, 3):
+        train, test, classes = data.client_datasets(cfg, client, 3)
+        assert classes == sorted(set(data.targets_of(train).tolist()))
+        test_labels = data.targets_of(test)
+        assert set(test_labels.tolist()) == set(classes)
+        assert len(test_labels) == 10 * len(classes)
+
+
+def test_limit_caps_both_subsets_deterministically():
+    cfg = make_cfg(train_size=300, test_size=100, limit=20)
+    train, test, classes = data.client_datasets(cfg, 1, 3)
+    assert len(train) == len(test) == 20 and classes == [0, 1, 2, 3]
+    again, _, _ = data.client_datasets(cfg, 1, 3)
+    assert again.indices == train.indices
+
+
+# --- synthetic -----------------------------------------------------------------------------
+
+def test_synthetic_is_deterministic_and_independent_of_the_run_seed():
+    cfg = make_cfg(train_size=200, test_size=50)
+    first, _, _ = data.client_datasets(cfg, 1, 1)
+    cfg.train.seed = 99
+    second, _, _ = data.client_datasets(cfg, 1, 1)
+    assert torch.equal(first.dataset.data, second.dataset.data)
+    assert data.spec(cfg.data) == data.DataSpec(3, 32, 10)
+    assert first.dataset.data.dtype == torch.float32
+    assert first.dataset.data.abs().max() <= 1
+
+
+def test_synthetic_is_class_conditional_in_shape_not_colour():
+    train, test = data._load(make_cfg().data)
+    y, yt = train.targets, test.targets
+
+    def nearest_class_mean(features, test_features):
+        means = torch.stack([features[y == k].mean(0) for k in range(10)])
+        return (torch.cdist(test_features, means).argmin(1) == yt).float().mean().item()
+
+    assert nearest_class_mean(train.data.flatten(1), test.data.flatten(1)) > 0.6  # chance 0.1
+    assert nearest_class_mean(train.data.mean((2, 3)), test.data.mean((2, 3))) < 0.3
+
+
+# --- loaders -------------------------------------------------------------------------------
+
+def test_same_seed_same_batches():
+    cfg = make_cfg(train_size=300, test_size=60)
+    first = [y.tolist() for _, y in data.client_loaders(cfg, 1, 3)[0]]
+    loader = data.client_loaders(cfg, 1, 3)[0]
+    second = list(loader)
+    assert [y.tolist() for _, y in second] == first
+    assert [y.tolist() for _, y in loader] != first  # a new epoch, a new order
+    cfg.train.seed = 1
+    assert [y.tolist() for _, y in data.client_loaders(cfg, 1, 3)[0]] != first
+    assert [y.tolist() for _, y in data.client_loaders(make_cfg(train_size=300), 2, 3)[0]] \
+        != first
+
+
+def test_loader_settings():
+    cfg = make_cfg(train_size=100, test_size=30)
+    train, test, _ = data.client_loaders(cfg, 1, 1)
+    assert train.batch_size == test.batch_size == 8
+    assert not train.drop_last and len(train) == 13
+    _, test_labels = everything(test)  # unshuffled: the stored order
+    assert test_labels.tolist() == data.targets_of(test.dataset).tolist()
+
+
+def test_workers_give_the_same_batches():
+    cfg = make_cfg(train_size=60, test_size=20)
+    plain = [(x, y) for x, y in data.client_loaders(cfg, 1, 1)[0]]
+    cfg.data.workers = 1
+    loader = data.client_loaders(cfg, 1, 1)[0]
+    assert loader.persistent_workers
+    for (x, y), (xw, yw) in zip(plain, loader, strict=True):
+        assert torch.equal(x, xw) and torch.equal(y, yw)
+
+
+def test_targets_of_follows_subsets():
+    train, _, classes = data.client_datasets(make_cfg(train_size=100), 2, 3)
+    labels = data.targets_of(train)
+    assert labels.dtype == np.int64 and set(labels.tolist()) == set(classes)

@@ -1,0 +1,112 @@
+"""End to end: real mpiexec jobs, results read back from the HDF5 file by this process."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+import mpirun
+from splitmpi import reader
+
+SERIES = ("train_loss", "test_accuracy", "train_accuracy", "test_loss", "samples_per_s")
+
+
+def check_file(path, n, epochs, overrides):
+    with h5py.File(path, "r") as f:
+        for key in ("config", "splitmpi_version", "mpi_library", "world_size", "started",
+                    "finished"):
+            assert key in f.attrs, key
+        assert f.attrs["world_size"] == n
+        cfg = json.loads(f.attrs["config"])
+        for o in overrides:
+            key, value = o.split("=", 1)
+            section, _, name = key.rpartition(".")
+            node = cfg[section] if section else cfg
+            assert str(node[name]).lower() == value.lower(), o
+        assert sorted(f["clients"]) == [str(k) for k in range(1, n)]
+        for k in range(1, n):
+            for name in SERIES:
+                values = f[f"clients/{k}/{name}"][()]
+                assert values.shape == (epochs,) and np.isfinite(values).all(), name
+            acc = f[f"clients/{k}/test_accuracy"][()]
+            assert ((0 <= acc) & (acc <= 1)).all()
+        assert f["epochs/seconds"].shape == (epochs,)
+        sent = f["comm/bytes_sent"][()]
+        assert sent.shape == (epochs, n) and (sent > 0).all()
+        # what the server sends the clients receive, epoch by epoch
+        got = f["comm/bytes_received"][()]
+        assert sent[:, 0].sum() == got[:, 1:].sum() and got[:, 0].sum() == sent[:, 1:].sum()
+
+
+CASES = [  # world size, overrides
+    (2, ["split.topology=u_shape", "split.share=true", "model.arch=cnn5", "model.cut=2"]),
+    (4, ["split.topology=u_shape", "split.share=false", "model.arch=cnn5", "model.cut=1"]),
+    (4, ["split.topology=label_sharing", "split.share=true", "model.arch=cnn5",
+         "model.cut=0"]),
+    (2, ["split.topology=label_sharing", "split.share=false", "model.arch=cnn5",
+         "model.cut=4"]),
+    (4, ["split.topology=u_shape", "split.share=true", "model.arch=resnet50",
+         "model.cut=layer1"]),
+    (2, ["split.topology=label_sharing", "split.share=false", "model.arch=resnet50",
+         "model.cut=layer3"]),
+]
+
+
+@pytest.mark.parametrize("n, overrides", CASES, ids=[f"n{n}-" + "-".join(
+    o.split("=")[1] for o in ov) for n, ov in CASES])
+def test_topologies_models_and_sharing(tmp_path, n, overrides):
+    extra = ["data.train_size=120", "data.test_size=60", "train.batch_size=20"] \
+        if "model.arch=resnet50" in overrides else []
+    mpirun.ok(n, *mpirun.TINY, *extra, *overrides, "output=out.h5", cwd=tmp_path)
+    check_file(tmp_path / "out.h5", n, 2, overrides)
+
+
+def test_default_run_learns(tmp_path):
+    """The README's default (3 clients, synthetic) gets each client far above chance."""
+    proc = mpirun.ok(4, cwd=tmp_path, timeout=300)
+    run = reader.read(tmp_path / "results.h5")
+    assert run.finished and run.classes == {1: [0, 1, 2, 3], 2: [4, 5, 6], 3: [7, 8, 9]}
+    for k, acc in run.final().items():
+        chance = 1 / len(run.classes[k])
+        assert acc > max(0.6, 2 * chance), (k, acc)
+        assert run.clients[k]["train_loss"][-1] < run.clients[k]["train_loss"][0]
+    assert proc.stdout.count("epoch 5/5 client") == 3  # one log line per client per epoch
+
+
+def test_same_seed_same_numbers(tmp_path):
+    runs = []
+    for name in ("a.h5", "b.h5"):
+        mpirun.ok(3, *mpirun.TINY, "split.share=true", f"output={name}", cwd=tmp_path)
+        runs.append(reader.read(tmp_path / name))
+    a, b = runs
+    for k in a.clients:
+        for name in ("train_loss", "test_accuracy", "test_loss", "train_accuracy"):
+            assert np.array_equal(a.clients[k][name], b.clients[k][name]), name
+    assert np.array_equal(a.comm["bytes_sent"], b.comm["bytes_sent"])
+    mpirun.ok(3, *mpirun.TINY, "train.seed=1", "output=c.h5", cwd=tmp_path)
+    c = reader.read(tmp_path / "c.h5")
+    assert not np.array_equal(a.clients[1]["train_loss"], c.clients[1]["train_loss"])
+
+
+@pytest.mark.parametrize("name, writer", [("mnist", "write_mnist"), ("cifar10", "write_cifar10")])
+def test_real_formats_end_to_end(tmp_path, name, writer):
+    import datasets
+    getattr(datasets, writer)(tmp_path / "data")
+    mpirun.ok(4, f"data.name={name}", "data.root=data", "train.epochs=1",
+              "train.batch_size=10", "output=out.h5", cwd=tmp_path)
+    run = reader.read(tmp_path / "out.h5")
+    assert run.finished and run.classes[1] == [0, 1, 2, 3]
+    assert run.clients[1]["test_samples"][0] > 0
+
+
+def test_wire_dtype_halves_the_bytes(tmp_path):
+    for wire in ("float32", "bfloat16"):
+        mpirun.ok(4, "train.epochs=3", f"comm.wire_dtype={wire}", f"output={wire}.h5",
+                  cwd=tmp_path, timeout=300)
+    full = reader.read(tmp_path / "float32.h5")
+    half = reader.read(tmp_path / "bfloat16.h5")
+    ratio = half.comm["bytes_sent"].sum() / full.comm["bytes_sent"].sum()
+    assert 0.49 < ratio < 0.51, ratio  # headers and labels are not halved
+    for k, acc in half.final().items():  # and training still learns
+        assert acc > 2 / len(half.classes[k]), (k, acc)
+        assert half.clients[k]["train_loss"][-1] < half.clients[k]["train_loss"][0] / 2
