@@ -1,0 +1,52 @@
+"""Failures end the whole job: bad input exits 2 with one message before any work; an
+exception on any rank aborts every rank quickly with that rank's traceback."""
+import time
+
+import pytest
+
+import mpirun
+
+
+@pytest.mark.parametrize("n, args, words", [
+    (2, ["train.epoch=3"], ["unknown config key 'train.epoch'"]),
+    (2, ["train.lr=fast"], ["train.lr must be float"]),
+    (2, ["model.arch=resnet50", "model.cut=layer4"], ["not a cut of resnet50"]),
+    (3, ["clients=3"], ["clients=3 but the world has 3 ranks", "mpirun -n 4"]),
+    (3, ["data.partition=[[0,1],[2,12]]"], ["names class 12"]),
+    (2, ["data.name=mnist", "data.root=nowhere"], ["train-images-idx3-ubyte", "nowhere"]),
+    (2, ["data.name=cifar10", "data.root=nowhere"], ["cifar-10-batches-py"]),
+    (2, ["-c", "missing.yaml"], ["missing.yaml not found"]),
+])
+def test_bad_input_exits_2_with_one_message(tmp_path, n, args, words):
+    proc = mpirun.run(n, *args, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("splitmpi: error") == 1, proc.stderr
+    for w in words:
+        assert w in proc.stderr
+    assert not (tmp_path / "results.h5").exists()  # nothing started
+
+
+def test_existing_output_is_not_clobbered(tmp_path):
+    out = tmp_path / "results.h5"
+    out.write_bytes(b"precious")
+    proc = mpirun.run(2, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "overwrite=true" in proc.stderr
+    assert out.read_bytes() == b"precious"
+
+
+def test_help_lists_the_keys(tmp_path):
+    proc = mpirun.run(2, "--help", cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0
+    assert proc.stdout.count("usage:") == 1 and "model.cut=" in proc.stdout
+
+
+@pytest.mark.parametrize("bad", [0, 2])
+def test_a_failing_rank_ends_the_job(tmp_path, bad):
+    start = time.monotonic()
+    proc = mpirun.run(4, str(bad), "output=out.h5", module="failing_rank", cwd=tmp_path,
+                      timeout=120)
+    took = time.monotonic() - start
+    assert proc.returncode not in (0, 2), proc.returncode
+    assert f"rank {bad} failed" in proc.stderr
+    assert f"deliberate failure on rank {bad}" in proc.stderr  # the traceback is shown
+    assert took < 60, took  # startup included; without the abort this would hang
