@@ -10,10 +10,10 @@ import traceback
 import yaml
 from mpi4py import MPI
 
-from . import client, config, server
+from . import checkpoint, client, config, server
 from .errors import ConfigError
 from .results import ResultsWriter
-from .runtime import make_context
+from .runtime import STOPPED, make_context
 
 
 def abort_on_exception(kind, exc, tb) -> None:
@@ -87,16 +87,24 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     ctx = make_context(cfg, world, clients)
-    role = server if ctx.is_server else client
-    me = agree(world, lambda: role.prepare(ctx))
+    # rank 0 decides which checkpoint (if any) to resume and tells the others
+    folder = world.bcast(agree(world, lambda: checkpoint.locate(cfg) if rank == 0 else None))
+    start = checkpoint.epochs_of(folder) if folder else None
+    saved = agree(world, lambda: checkpoint.load(folder, cfg, world) if folder else None)
+    me = agree(world, lambda: server.prepare(ctx, start) if ctx.is_server
+               else client.prepare(ctx))
+    if saved:
+        (server if ctx.is_server else client).restore(me, saved["state"])
     if ctx.is_server:
         ctx.log(f"splitmpi: {clients} clients, world size {world.Get_size()}, "
-                f"device {ctx.device}, output {cfg.output}")
+                f"device {ctx.device}, output {cfg.output}"
+                + (f", resuming after epoch {start} from {folder}" if folder else ""))
         ctx.log("config: " + cfg.to_json())
-        server.run(ctx, me, ResultsWriter(cfg, world.Get_size(), clients))
+        writer = ResultsWriter(cfg, world.Get_size(), clients, start)
+        stopped = server.run(ctx, me, writer, start or 0)
     else:
-        client.run(ctx, me)
-    return 0
+        stopped = client.run(ctx, me, start or 0)
+    return STOPPED if stopped else 0
 
 
 def _resolve(args, world_size: int):

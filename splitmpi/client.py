@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import data, models, sharing
+from . import checkpoint, data, models, sharing
 from .defense import Defense
 from .runtime import SERVER, Context
 from .transport import Kind, wait
@@ -46,21 +46,44 @@ def prepare(ctx: Context) -> Client:
     params = list(extractor.parameters()) + (list(classifier.parameters()) if classifier else [])
     optimizer = (torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
                                  weight_decay=cfg.train.weight_decay) if params else None)
+    torch.manual_seed(cfg.train.seed * 1000 + ctx.rank)
     return Client(extractor, classifier, Defense(cfg.defense), optimizer, train_loader,
                   test_loader, classes)
 
 
-def run(ctx: Context, me: Client) -> None:
-    torch.manual_seed(ctx.cfg.train.seed * 1000 + ctx.rank)
-    for epoch in range(ctx.cfg.train.epochs):
+def state(me: Client) -> dict:
+    return {"extractor": me.extractor.state_dict(),
+            "classifier": me.classifier.state_dict() if me.classifier is not None else {},
+            "optimizer": me.optimizer.state_dict() if me.optimizer is not None else {},
+            "data_order": me.train_loader.generator.get_state(),
+            "rng": checkpoint.rng_state()}
+
+
+def restore(me: Client, saved: dict) -> None:
+    me.extractor.load_state_dict(saved["extractor"])
+    if me.classifier is not None:
+        me.classifier.load_state_dict(saved["classifier"])
+    if me.optimizer is not None:
+        me.optimizer.load_state_dict(saved["optimizer"])
+    me.train_loader.generator.set_state(saved["data_order"])
+    checkpoint.set_rng_state(saved["rng"])
+
+
+def run(ctx: Context, me: Client, start: int = 0) -> bool:
+    """Epochs ``start``.. to the end; True when a signal stopped the run after a checkpoint."""
+    for epoch in range(start, ctx.cfg.train.epochs):
         train = train_epoch(ctx, me)
         shared_bytes = 0
         if ctx.cfg.split.share:
             shared_bytes = sharing.average_extractor(me.extractor, ctx.clients_comm)
         test = evaluate(ctx, me)
         report = {"epoch": epoch, "classes": me.classes, **train, **test,
-                  "share_bytes": shared_bytes, **ctx.transport.counters()}
+                  "share_bytes": shared_bytes, "stop_requested": bool(ctx.stop.signal),
+                  **ctx.transport.counters()}
         ctx.world.send(report, dest=SERVER, tag=Kind.REPORT)
+        if checkpoint.boundary(ctx.world, ctx.cfg, epoch + 1, lambda: state(me)):
+            return True
+    return False
 
 
 def _end_phase(ctx: Context, kind: Kind, like: torch.Tensor | None) -> None:

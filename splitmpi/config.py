@@ -59,7 +59,10 @@ class TrainConfig:
     device: str = "cpu"  # auto | cpu | cuda
     amp: str = "none"  # none | bf16
     threads: int = 0  # torch threads per rank; 0: cores on this node / ranks on this node
-    log_every: int = 0  # >0: also log every N training steps
+    log_every: int = 0  # >0: also log every N training steps served
+    checkpoint_every: int = 0  # >0: checkpoint every N epochs (SIGUSR1/SIGTERM always do)
+    checkpoint_dir: str = ""  # default: OUTPUT.ckpt
+    resume: str = ""  # empty: start afresh; auto: the latest complete checkpoint; or a PATH
 
 
 @dataclass
@@ -82,8 +85,11 @@ class DefenseConfig:
 
 @dataclass
 class AttackConfig:
-    method: str = "decoder"  # decoder (inverse network) | rmle (white-box optimisation)
+    # decoder (inverse network) | rmle (white-box optimisation) | both (one extractor, both)
+    method: str = "decoder"
     checkpoint: str = ""  # extractor to attack (.pt); empty: train the config's model first
+    save: str = ""  # where to save the in-process trained model (.pt, for attack.checkpoint)
+    aux: str = "train"  # train: random train-split images | others: other clients' shards only
     aux_samples: int = 1000  # attacker's auxiliary images, same distribution as the clients'
     eval_samples: int = 64  # clients' held-out images the attack is scored on
     epochs: int = 10  # decoder training epochs
@@ -91,7 +97,9 @@ class AttackConfig:
     lr: float = 0.001
     rmle_steps: int = 200
     rmle_tv: float = 0.01  # total-variation prior weight
+    rmle_lr: float = 0.05  # Adam step size on the input pixels ([-1, 1] scale)
     grid: int = 8  # originals/reconstructions stored for figures
+    output: str = ""  # results file for /attack/<method>; empty: the top-level output
 
 
 @dataclass
@@ -105,6 +113,7 @@ class Config:
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     clients: int = 0  # 0: world size - 1; otherwise must equal it
+    audit: bool = False  # server digests every message; clients check none is their raw data
     output: str = "results.h5"
     overwrite: bool = False
 
@@ -123,7 +132,7 @@ CHOICES = {
     "train.amp": ("none", "bf16"),
     "comm.wire_dtype": ("float32", "bfloat16", "float16"),
     "server.schedule": ("round_robin", "sequential", "fifo"),
-    "attack.method": ("decoder", "rmle"),
+    "attack.method": ("decoder", "rmle", "both"),
 }
 
 CUTS = {"resnet50": ("layer1", "layer2", "layer3"), "cnn5": (0, 1, 2, 3, 4)}

@@ -35,10 +35,13 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def check_output(cfg: Config) -> None:
-    """Refuse to clobber results or to start a run whose file cannot be written."""
+def check_output(cfg: Config, world_size: int, resume_epochs: int | None = None) -> None:
+    """Refuse to clobber results or to start a run whose file cannot be written; a resumed
+    run needs the file it is continuing, holding at least the checkpointed epochs."""
     path = Path(cfg.output)
-    if path.exists() and not cfg.overwrite:
+    if resume_epochs is not None:
+        _check_resumable(path, world_size, resume_epochs)
+    elif path.exists() and not cfg.overwrite:
         raise ConfigError(f"output {path} already exists",
                           "pass output=OTHER.h5, or overwrite=true to replace it")
     folder = path.parent if str(path.parent) else Path(".")
@@ -52,8 +55,26 @@ def check_output(cfg: Config) -> None:
                           "set output= to a writable path")
 
 
+def _check_resumable(path: Path, world_size: int, epochs: int) -> None:
+    fix = "set output= to the results file the checkpointed run wrote"
+    try:
+        with h5py.File(path, "r") as f:
+            rows = f["epochs/seconds"].shape[0] if "epochs/seconds" in f else -1
+            size = f.attrs.get("world_size")
+    except OSError:
+        raise ConfigError(f"resuming needs the results file {path}, which is missing or "
+                          "unreadable", fix) from None
+    if size != world_size or rows < epochs:
+        raise ConfigError(f"{path} is not the results file of the checkpointed run (world "
+                          f"size {size}, {rows} epochs; the checkpoint has {epochs})", fix)
+
+
 class ResultsWriter:
-    def __init__(self, cfg: Config, world_size: int, clients: int):
+    def __init__(self, cfg: Config, world_size: int, clients: int,
+                 resume_epochs: int | None = None):
+        if resume_epochs is not None:
+            self._continue(cfg.output, resume_epochs, world_size)
+            return
         self.file = h5py.File(cfg.output, "w")
         attrs = self.file.attrs
         attrs["config"] = cfg.to_json()
@@ -70,6 +91,21 @@ class ResultsWriter:
         for name in COMM_COUNTERS:
             self.file.create_dataset(f"comm/{name}", shape=(0, world_size),
                                      maxshape=(None, world_size), dtype="i8")
+        self.previous = np.zeros((len(COMM_COUNTERS), world_size), dtype=np.int64)
+        self.file.flush()
+
+    def _continue(self, path: str, epochs: int, world_size: int) -> None:
+        """Reopen a resumed run's file; rows past the checkpoint (written after it by a run
+        that was killed) are dropped, since they are about to be recomputed."""
+        self.file = h5py.File(path, "r+")
+        attrs = self.file.attrs
+        for name, item in self.file.items():
+            if name in ("clients", "epochs", "comm"):
+                item.visititems(lambda _, d: d.resize(epochs, axis=0)
+                                if isinstance(d, h5py.Dataset) else None)
+        if "finished" in attrs:
+            del attrs["finished"]
+        attrs["resumed"] = np.append(attrs.get("resumed", np.zeros(0, np.int64)), epochs)
         self.previous = np.zeros((len(COMM_COUNTERS), world_size), dtype=np.int64)
         self.file.flush()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -13,6 +14,20 @@ from .errors import ConfigError
 from .transport import Transport
 
 SERVER = 0
+STOPPED = 75  # exit code: stopped by SIGUSR1/SIGTERM after a checkpoint; resume to go on
+
+
+class StopFlag:
+    """Set by SIGUSR1 (Slurm's --signal) or SIGTERM (preemption); every rank acts on it at
+    the next epoch boundary, after a checkpoint."""
+
+    def __init__(self):
+        self.signal = 0
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, frame) -> None:
+        self.signal = signum
 
 
 @dataclass
@@ -23,6 +38,7 @@ class Context:
     clients: int
     device: torch.device
     transport: Transport
+    stop: StopFlag
 
     @property
     def rank(self) -> int:
@@ -78,4 +94,4 @@ def make_context(cfg: Config, world: MPI.Comm, clients: int) -> Context:
     torch.set_num_threads(pick_threads(cfg.train.threads, ranks_on_node))
     transport = Transport(world, cfg.comm.wire_dtype, cfg.comm.gpu_aware)
     device = pick_device(cfg.train.device, local_rank)
-    return Context(cfg, world, clients_comm, clients, device, transport)
+    return Context(cfg, world, clients_comm, clients, device, transport, StopFlag())

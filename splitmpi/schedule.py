@@ -13,6 +13,13 @@ class Schedule:
     def next(self, active: list[int], tag: int) -> int:
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep so a resumed run serves in the same order."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class Sequential(Schedule):
     """Vanilla split learning: the lowest-ranked client runs its whole phase first."""
@@ -32,6 +39,12 @@ class RoundRobin(Schedule):
         later = [k for k in active if k > self.last]
         self.last = later[0] if later else active[0]
         return self.last
+
+    def state_dict(self) -> dict:
+        return {"last": self.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last = int(state["last"])
 
 
 class Fifo(Schedule):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import data, models, results, schedule
+from . import checkpoint, data, models, results, schedule
 from .runtime import Context
 from .transport import Kind, wait
 
@@ -32,9 +32,9 @@ class Server:
     send_grad: bool  # False when the clients' extractors have nothing to learn (cnn5 cut 0)
 
 
-def prepare(ctx: Context) -> Server:
+def prepare(ctx: Context, resume_epochs: int | None) -> Server:
     cfg = ctx.cfg
-    results.check_output(cfg)
+    results.check_output(cfg, ctx.world.Get_size(), resume_epochs)
     spec = data.spec(cfg.data)
     parts = models.build(cfg.model, spec.channels, spec.image_size, spec.num_classes,
                          cfg.train.seed)
@@ -43,14 +43,31 @@ def prepare(ctx: Context) -> Server:
     params = list(cloud.parameters()) + (list(head.parameters()) if head else [])
     optimizer = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay)
+    torch.manual_seed(cfg.train.seed * 1000)
     return Server(cloud, head, optimizer, schedule.make(cfg.server.schedule, ctx.world),
                   models.has_parameters(parts.extractor))
 
 
-def run(ctx: Context, me: Server, writer: results.ResultsWriter) -> None:
+def state(me: Server) -> dict:
+    return {"cloud": me.cloud.state_dict(),
+            "head": me.head.state_dict() if me.head is not None else {},
+            "optimizer": me.optimizer.state_dict(), "schedule": me.schedule.state_dict(),
+            "rng": checkpoint.rng_state()}
+
+
+def restore(me: Server, saved: dict) -> None:
+    me.cloud.load_state_dict(saved["cloud"])
+    if me.head is not None:
+        me.head.load_state_dict(saved["head"])
+    me.optimizer.load_state_dict(saved["optimizer"])
+    me.schedule.load_state_dict(saved["schedule"])
+    checkpoint.set_rng_state(saved["rng"])
+
+
+def run(ctx: Context, me: Server, writer: results.ResultsWriter, start: int = 0) -> bool:
+    """Epochs ``start``.. to the end; True when a signal stopped the run after a checkpoint."""
     cfg = ctx.cfg
-    torch.manual_seed(cfg.train.seed * 1000)
-    for epoch in range(cfg.train.epochs):
+    for epoch in range(start, cfg.train.epochs):
         start = time.perf_counter()
         served = serve_phase(ctx, me, Kind.ACTIVATION, train_step)
         serve_phase(ctx, me, Kind.EVAL_ACTIVATION, eval_step)
@@ -64,7 +81,16 @@ def run(ctx: Context, me: Server, writer: results.ResultsWriter) -> None:
                     f"| {report['samples_per_s']:.0f} samples/s")
         writer.append_epoch(seconds, reports, ctx.transport.counters())
         ctx.log(f"epoch {epoch + 1}/{cfg.train.epochs} done in {seconds:.1f} s")
+        stop = bool(ctx.stop.signal) or any(r["stop_requested"] for r in reports.values())
+        every = cfg.train.checkpoint_every
+        save = stop or (every > 0 and (epoch + 1) % every == 0)
+        if checkpoint.boundary(ctx.world, cfg, epoch + 1, lambda: state(me), (save, stop)):
+            writer.close()
+            ctx.log(f"stopped by a signal after epoch {epoch + 1}; rerun with "
+                    "train.resume=auto to go on")
+            return True
     writer.finish()
+    return False
 
 
 def serve_phase(ctx: Context, me: Server, kind: Kind, step) -> dict[int, dict]:

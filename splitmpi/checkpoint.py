@@ -1,0 +1,156 @@
+"""Checkpoints at epoch boundaries: every rank saves its role's state, rank 0 marks the set
+complete, and the last two complete sets are kept.
+
+Layout: ``DIR/epoch-NNNNN/rank-R.pt`` (one plain dict per rank, written to a temporary file
+and renamed) and ``DIR/epoch-NNNNN/COMPLETE`` once every rank's file is in place. DIR is
+``train.checkpoint_dir`` or ``OUTPUT.ckpt``. Files are read with ``weights_only=True``: a
+checkpoint that would need arbitrary pickled objects (and could run code) is refused.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import torch
+from mpi4py import MPI
+
+from .config import Config
+from .errors import ConfigError
+
+FORMAT = 1
+KEEP = 2
+COMPLETE = "COMPLETE"
+# Keys that may differ between the run that saved and the run that resumes.
+VOLATILE = {"train": {"epochs", "resume", "checkpoint_every", "checkpoint_dir", "log_every",
+                      "device", "threads"},
+            "attack": None, "output": None, "overwrite": None}
+
+
+def directory(cfg: Config) -> Path:
+    return Path(cfg.train.checkpoint_dir or f"{cfg.output}.ckpt")
+
+
+def identity(cfg: Config, world_size: int) -> dict:
+    """What must match for a checkpoint to be resumed: the config less VOLATILE keys."""
+    d = cfg.to_dict()
+    for key, names in VOLATILE.items():
+        if names is None:
+            d.pop(key, None)
+        else:
+            for name in names:
+                d[key].pop(name, None)
+    d["world_size"] = world_size
+    return d
+
+
+def _complete(root: Path) -> list[Path]:
+    found = [p for p in root.glob("epoch-*") if (p / COMPLETE).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save(world: MPI.Comm, cfg: Config, epoch: int, state: dict) -> Path:
+    """Collective. ``epoch`` counts finished epochs; ``state`` is this rank's role state."""
+    rank = world.Get_rank()
+    folder = directory(cfg) / f"epoch-{epoch:05d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "epoch": epoch, "rank": rank,
+               "identity": identity(cfg, world.Get_size()), "state": state}
+    target = folder / f"rank-{rank}.pt"
+    temporary = folder / f".rank-{rank}.pt.tmp"
+    torch.save(payload, temporary)
+    os.replace(temporary, target)
+    world.Barrier()
+    if rank == 0:
+        marker = folder / f".{COMPLETE}.tmp"
+        marker.write_text(f"{world.Get_size()} ranks\n")
+        os.replace(marker, folder / COMPLETE)
+        for old in _complete(folder.parent)[:-KEEP]:
+            shutil.rmtree(old, ignore_errors=True)
+    world.Barrier()
+    return folder
+
+
+def locate(cfg: Config) -> Path | None:
+    """The checkpoint set ``train.resume`` names: ``auto`` = latest complete (or None)."""
+    choice = cfg.train.resume
+    if not choice:
+        return None
+    if choice == "auto":
+        root = directory(cfg)
+        found = _complete(root) if root.is_dir() else []
+        return found[-1] if found else None
+    path = Path(choice)
+    if not (path / COMPLETE).exists():
+        raise ConfigError(f"train.resume={choice} is not a complete checkpoint set "
+                          f"(no {COMPLETE} file)",
+                          "use train.resume=auto or an epoch-NNNNN folder holding COMPLETE")
+    return path
+
+
+def epochs_of(folder: Path) -> int:
+    return int(folder.name.split("-")[1])
+
+
+def load(folder: Path, cfg: Config, world: MPI.Comm) -> dict:
+    """This rank's payload, checked against the current config and world."""
+    path = folder / f"rank-{world.Get_rank()}.pt"
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} is missing",
+                          "resume with the world size that saved it, or start afresh")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(f"checkpoint {path} holds objects other than tensors and plain "
+                          f"data, which could run code when loaded ({str(exc)[:120]}...)",
+                          "only resume from checkpoints written by splitmpi") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ConfigError(f"checkpoint {path} is unreadable or truncated ({exc})",
+                          "resume from an older epoch-NNNNN folder") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a splitmpi checkpoint", "point train.resume elsewhere")
+    want = identity(cfg, world.Get_size())
+    if payload["identity"] != want:
+        diff = _differences(payload["identity"], want)
+        raise ConfigError(f"checkpoint {folder} was saved by a different run ({diff})",
+                          "resume with the config and world size that saved it, or set "
+                          "train.resume= (empty) and a new output to start afresh")
+    return payload
+
+
+def _differences(saved: dict, current: dict, prefix: str = "") -> str:
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _differences(a, b, f"{prefix}{key}.")
+            if inner:
+                out.append(inner)
+        elif a != b:
+            out.append(f"{prefix}{key}: saved {a!r}, now {b!r}")
+    return "; ".join(out)
+
+
+def boundary(world: MPI.Comm, cfg: Config, epochs_done: int, state, decision=None) -> bool:
+    """Collective end of an epoch: rank 0 passes ``decision`` = (save, stop) and every rank
+    gets it; all save together if asked (``state()`` builds this rank's state). Returns stop."""
+    save_it, stop = world.bcast(decision, root=0)
+    if save_it:
+        folder = save(world, cfg, epochs_done, state())
+        if world.Get_rank() == 0:
+            print(f"checkpoint {folder} written", flush=True)
+    return stop
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

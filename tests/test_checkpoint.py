@@ -1,0 +1,130 @@
+"""Checkpoint, signals and resume: a stopped or killed run goes on where it was, and a
+resumed run's metrics equal an uninterrupted run's, bit for bit (CPU, same seed)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mpirun
+from splitmpi import reader
+
+ARGS = ("data.train_size=400", "data.test_size=100", "data.image_size=16",
+        "train.batch_size=25", "train.epochs=4")
+SERIES = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "train_samples")
+
+
+def start(tmp_path, *args) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / f"{len(list(tmp_path.glob('*.log')))}.log"
+    cmd = [mpirun.mpiexec(), "-n", "3", sys.executable, "-m", "splitmpi", *ARGS, *args]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=mpirun.env(), stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
+    return proc, log
+
+
+def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, f"no {text!r} in time:\n{log.read_text()}"
+        time.sleep(0.1)
+
+
+def rank_pid(output: str, rank: int) -> int:
+    """The PID of one rank of the job writing ``output`` (hydra sets PMI_RANK)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"output={output}".encode() in cmdline and f"PMI_RANK={rank}".encode() in environ:
+            return int(proc.name)
+    raise AssertionError(f"rank {rank} of {output} not found")
+
+
+def assert_same_metrics(a_path: Path, b_path: Path) -> None:
+    a, b = reader.read(a_path), reader.read(b_path)
+    assert a.finished and b.finished and a.epochs == b.epochs == 4
+    for k in a.clients:
+        for name in SERIES:
+            assert np.array_equal(a.clients[k][name], b.clients[k][name]), (k, name)
+    assert np.array_equal(a.comm["bytes_sent"], b.comm["bytes_sent"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("full")
+    mpirun.ok(3, *ARGS, "output=full.h5", cwd=folder)
+    return folder / "full.h5"
+
+
+def test_sigusr1_checkpoints_stops_and_resumes_bit_for_bit(tmp_path, uninterrupted):
+    proc, log = start(tmp_path, "output=cut.h5")
+    wait_for(log, "epoch 1/4 done", proc)
+    proc.send_signal(signal.SIGUSR1)  # mpiexec forwards it to every rank, as Slurm does
+    assert proc.wait(timeout=120) == 75, log.read_text()
+    assert "stopped by a signal after epoch" in log.read_text()
+    stopped = reader.read(tmp_path / "cut.h5")
+    assert not stopped.finished and 1 <= stopped.epochs < 4
+    done = mpirun.ok(3, *ARGS, "output=cut.h5", "train.resume=auto", cwd=tmp_path)
+    assert f"resuming after epoch {stopped.epochs}" in done.stdout
+    assert_same_metrics(uninterrupted, tmp_path / "cut.h5")
+    assert list(reader.read(tmp_path / "cut.h5").attrs["resumed"]) == [stopped.epochs]
+
+
+def test_sigkill_of_a_client_ends_the_job_and_the_run_resumes(tmp_path, uninterrupted):
+    proc, log = start(tmp_path, "output=k.h5", "train.checkpoint_every=1")
+    wait_for(log, "epoch 2/4 done", proc)
+    killed = time.monotonic()
+    os.kill(rank_pid("k.h5", 2), signal.SIGKILL)
+    code = proc.wait(timeout=60)
+    assert code != 0 and time.monotonic() - killed < 60
+    partial = reader.read(tmp_path / "k.h5")  # readable, holding the finished epochs
+    assert not partial.finished and partial.epochs >= 2
+    checkpoints = sorted(p.name for p in (tmp_path / "k.h5.ckpt").iterdir())
+    assert 1 <= len(checkpoints) <= 2  # the last two are kept
+    mpirun.ok(3, *ARGS, "output=k.h5", "train.resume=auto", "train.checkpoint_every=1",
+              cwd=tmp_path)
+    assert_same_metrics(uninterrupted, tmp_path / "k.h5")
+
+
+@pytest.fixture
+def checkpointed(tmp_path) -> Path:
+    mpirun.ok(3, *ARGS, "train.epochs=1", "train.checkpoint_every=1", "output=c.h5",
+              cwd=tmp_path)
+    return tmp_path / "c.h5.ckpt" / "epoch-00001"
+
+
+def test_a_checkpoint_from_another_config_or_world_is_refused(tmp_path, checkpointed):
+    other_cut = mpirun.run(3, *ARGS, "model.cut=1", "output=c.h5", "train.resume=auto",
+                           cwd=tmp_path)
+    assert other_cut.returncode == 2
+    assert "saved by a different run" in other_cut.stderr
+    assert "model.cut: saved 2, now 1" in other_cut.stderr
+    other_world = mpirun.run(4, *ARGS, "output=c.h5", f"train.resume={checkpointed}",
+                             cwd=tmp_path)
+    assert other_world.returncode == 2 and "world_size: saved 3, now 4" in other_world.stderr
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, checkpointed):
+    torch.save({"format": 1, "state": Payload()}, checkpointed / "rank-0.pt")
+    proc = mpirun.run(3, *ARGS, "output=c.h5", f"train.resume={checkpointed}", cwd=tmp_path)
+    assert proc.returncode == 2 and "could run code" in proc.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_resume_needs_a_complete_checkpoint(tmp_path):
+    (tmp_path / "half").mkdir()
+    proc = mpirun.run(2, "output=x.h5", "train.resume=half", cwd=tmp_path)
+    assert proc.returncode == 2 and "not a complete checkpoint set" in proc.stderr

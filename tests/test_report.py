@@ -1,0 +1,183 @@
+"""``python -m splitmpi.report`` on files made by real 2-client runs; expected numbers are
+read straight from the HDF5 files with h5py, independently of ``splitmpi.reader``."""
+import csv
+import io
+import math
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+import mpirun
+from splitmpi import reader, report
+
+RUNS = {  # file stem -> overrides; cut 1 has both sharing modes, cut 2 only sharing
+    "s1": ("split.share=true", "model.cut=1"),
+    "n1": ("split.share=false", "model.cut=1"),
+    "s2": ("split.share=true", "model.cut=2"),
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("runs")
+    for stem, overrides in RUNS.items():
+        mpirun.ok(3, *mpirun.TINY, "model.arch=cnn5", *overrides, f"output={stem}.h5",
+                  cwd=folder)
+    return folder
+
+
+def final_acc(path) -> dict[int, float]:
+    """Each client's last test accuracy, in percent."""
+    with h5py.File(path, "r") as f:
+        return {int(k): 100 * float(g["test_accuracy"][-1]) for k, g in f["clients"].items()}
+
+
+def bytes_per_epoch(path) -> float:
+    with h5py.File(path, "r") as f:
+        return float(f["comm/bytes_sent"][()].sum(axis=1).mean())
+
+
+def cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "splitmpi.report", *map(str, args)],
+                          cwd=cwd, env=mpirun.env(), capture_output=True, text=True,
+                          timeout=120)
+
+
+def csv_tables(text: str) -> dict[str, list[dict]]:
+    """``# title`` sections of ``--csv`` output -> rows."""
+    out = {}
+    for section in text.split("# ")[1:]:
+        title, _, body = section.partition("\n")
+        out[title] = list(csv.DictReader(io.StringIO(body.strip())))
+    return out
+
+
+def test_tables_hold_the_files_numbers(results):
+    runs = [reader.read(results / f"{stem}.h5") for stem in RUNS]
+    acc = {stem: final_acc(results / f"{stem}.h5") for stem in RUNS}
+    near = lambda x: pytest.approx(x, abs=0.005)  # noqa: E731  half a printed unit
+
+    (table1,) = report.sharing_table(runs)
+    rows = {(r["cut"], r["client"]): r for r in table1.rows}
+    assert len(rows) == len(table1.rows) == 6  # two clients and a mean row per cut
+    for k in (1, 2):
+        row = rows[(1, k)]
+        assert (row["sharing"], row["non_sharing"]) == (near(acc["s1"][k]), near(acc["n1"][k]))
+        assert row["difference"] == pytest.approx(row["sharing"] - row["non_sharing"], abs=0.011)
+        assert row["classes"] == ("0-4" if k == 1 else "5-9") and row["runs"] == "1/1"
+        assert rows[(2, k)]["sharing"] == near(acc["s2"][k])
+        assert math.isnan(rows[(2, k)]["non_sharing"]) and math.isnan(rows[(2, k)]["difference"])
+    mean = rows[(1, "mean")]
+    assert mean["difference"] == near(np.mean([acc["s1"][k] - acc["n1"][k] for k in (1, 2)]))
+    assert {r["status"] for r in table1.rows} == {"finished"}
+
+    acc_by_cut, bytes_by_cut = report.cut_tables(runs)
+    by_share = {r["share"]: r for r in acc_by_cut.rows}
+    assert by_share[True]["cut=1"] == near(np.mean(list(acc["s1"].values())))
+    assert by_share[True]["cut=2"] == near(np.mean(list(acc["s2"].values())))
+    assert by_share[False]["cut=1"] == near(np.mean(list(acc["n1"].values())))
+    assert math.isnan(by_share[False]["cut=2"])
+    traffic = {r["share"]: r for r in bytes_by_cut.rows}
+    assert traffic[True]["cut=1"] == round(bytes_per_epoch(results / "s1.h5"))
+    assert traffic[True]["cut=2"] == round(bytes_per_epoch(results / "s2.h5"))
+    assert traffic[True]["cut=2"] < traffic[True]["cut=1"]  # a deeper cut sends less
+
+    (listing,) = report.runs_table(runs)
+    for stem, row in zip(RUNS, listing.rows):
+        assert row["status"] == "finished" and row["epochs"] == 2 and row["clients"] == 2
+        assert (row["acc_1"], row["acc_2"]) == (near(acc[stem][1]), near(acc[stem][2]))
+
+
+def test_cli_text_csv_and_markdown(results):
+    s1, n1 = final_acc(results / "s1.h5"), final_acc(results / "n1.h5")
+    shown = [f"{round(v, 2):.2f}" for v in (*s1.values(), *n1.values())]
+
+    text = cli(results)
+    assert text.returncode == 0, text.stderr
+    assert "Table 1" in text.stdout and "Table I (cnn5)" in text.stdout
+    assert all(s in text.stdout for s in shown)
+    assert str(round(bytes_per_epoch(results / "s2.h5"))) in text.stdout
+    assert "unfinished" not in text.stdout
+
+    out = cli("--csv", results)
+    assert out.returncode == 0, out.stderr
+    tables = csv_tables(out.stdout)
+    table1 = next(rows for title, rows in tables.items() if title.startswith("Table 1"))
+    row = next(r for r in table1 if r["cut"] == "1" and r["client"] == "1")
+    assert float(row["sharing"]) == pytest.approx(s1[1], abs=0.005)
+    assert float(row["non_sharing"]) == pytest.approx(n1[1], abs=0.005)
+    assert next(r for r in table1 if r["cut"] == "2" and r["client"] == "1")["non_sharing"] == ""
+    runs = next(rows for title, rows in tables.items() if title.startswith("Runs"))
+    assert [r["path"] for r in runs] == [str(results / f"{s}.h5") for s in sorted(RUNS)]
+
+    md = cli("--markdown", results / "s1.h5", results / "n1.h5")
+    assert md.returncode == 0, md.stderr
+    assert "### Table 1" in md.stdout
+    assert (f"| synthetic | cnn5 | 1 | u_shape | 1 | 0-4 | {shown[0]} | {shown[2]} |"
+            in md.stdout)
+
+
+def test_plot_writes_pngs(results, tmp_path):
+    proc = cli(results, "--plot", tmp_path / "figs")
+    assert proc.returncode == 0, proc.stderr
+    names = {f"accuracy_{s}.png" for s in RUNS} | {"accuracy_by_cut_cnn5.png",
+                                                    "bytes_by_cut_cnn5.png"}
+    assert {p.name for p in (tmp_path / "figs").iterdir()} == names
+    for name in names:
+        path = tmp_path / "figs" / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+        assert str(path) in proc.stderr
+
+
+def test_foreign_files_are_refused(results, tmp_path):
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.arange(3)
+    alone = cli(foreign)
+    assert alone.returncode == 2 and alone.stdout == ""
+    assert f"{foreign} is not a splitmpi results file" in alone.stderr
+
+    shutil.copy(results / "s1.h5", tmp_path / "s1.h5")
+    (tmp_path / "notes.h5").write_text("not HDF5")
+    mixed = cli(tmp_path)
+    assert mixed.returncode == 0, mixed.stderr
+    assert f"warning: skipped: {foreign}" in mixed.stderr
+    assert f"{tmp_path / 'notes.h5'} is not a readable HDF5 file" in mixed.stderr
+    assert str(tmp_path / "s1.h5") in mixed.stdout and "foreign.h5" not in mixed.stdout
+
+
+def test_unfinished_run_is_marked_not_mixed(results, tmp_path):
+    late = tmp_path / "late.h5"
+    shutil.copy(results / "s1.h5", late)
+    with h5py.File(late, "a") as f:
+        del f.attrs["finished"]
+
+    text = cli(late, results / "n1.h5")
+    assert text.returncode == 0, text.stderr
+    assert "1 unfinished run(s)" in text.stdout and f"{late} (2 epoch(s) written)" in text.stdout
+
+    tables = csv_tables(cli("--csv", late, results / "n1.h5").stdout)
+    runs = next(rows for title, rows in tables.items() if title.startswith("Runs"))
+    assert [(r["path"], r["status"]) for r in runs] == [(str(late), "unfinished"),
+                                                        (str(results / "n1.h5"), "finished")]
+    table1 = next(rows for title, rows in tables.items() if title.startswith("Table 1"))
+    for row in table1:  # the unfinished sharing run is not paired with the finished one
+        assert (row["sharing"] == "") == (row["status"] == "finished")
+        assert (row["non_sharing"] == "") == (row["status"] == "unfinished")
+
+
+def test_render_formats_and_table_hook(monkeypatch):
+    assert [report.cell(v) for v in (99.1, 0.873, 5e-05, math.nan, None, True, 3)] == [
+        "99.10", "0.873", "5e-05", "-", "-", "true", "3"]
+    privacy = report.Table("Attack PSNR by cut", [{"cut": 1, "psnr_db": 21.5},
+                                                  {"cut": 2, "psnr_db": 14.25}])
+    monkeypatch.setattr(report, "TABLES", [lambda runs: [privacy], lambda runs: []])
+    text = report.render(report.tables([]))
+    assert text.splitlines() == ["Attack PSNR by cut", "cut  psnr_db", "---  -------",
+                                 "  1    21.50", "  2    14.25"]
+    assert report.render([privacy], "csv") == ("# Attack PSNR by cut\ncut,psnr_db\n"
+                                               "1,21.50\n2,14.25\n")
