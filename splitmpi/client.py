@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, data, models, sharing
+from .audit import ClientAudit
 from .defense import Defense
 from .runtime import SERVER, Context
 from .transport import Kind, wait
@@ -31,6 +32,7 @@ class Client:
     train_loader: torch.utils.data.DataLoader
     test_loader: torch.utils.data.DataLoader
     classes: list[int]
+    audit: ClientAudit | None  # audit=true: digests of this client's raw inputs and labels
 
 
 def prepare(ctx: Context) -> Client:
@@ -47,8 +49,9 @@ def prepare(ctx: Context) -> Client:
     optimizer = (torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
                                  weight_decay=cfg.train.weight_decay) if params else None)
     torch.manual_seed(cfg.train.seed * 1000 + ctx.rank)
+    audit = ClientAudit(ctx.transport) if cfg.audit else None
     return Client(extractor, classifier, Defense(cfg.defense), optimizer, train_loader,
-                  test_loader, classes)
+                  test_loader, classes, audit)
 
 
 def state(me: Client) -> dict:
@@ -81,6 +84,9 @@ def run(ctx: Context, me: Client, start: int = 0) -> bool:
                   "share_bytes": shared_bytes, "stop_requested": bool(ctx.stop.signal),
                   **ctx.transport.counters()}
         ctx.world.send(report, dest=SERVER, tag=Kind.REPORT)
+        if me.audit:
+            received = ctx.world.recv(source=SERVER, tag=Kind.AUDIT)
+            ctx.world.send(me.audit.check(received), dest=SERVER, tag=Kind.AUDIT)
         if checkpoint.boundary(ctx.world, ctx.cfg, epoch + 1, lambda: state(me)):
             return True
     return False
@@ -101,6 +107,8 @@ def train_epoch(ctx: Context, me: Client) -> dict:
     loss_sum, correct, seen, a = 0.0, 0, 0, None
     start = time.perf_counter()
     for x, y in me.train_loader:
+        if me.audit:
+            me.audit.see(x, y)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         if me.optimizer is not None:
             me.optimizer.zero_grad(set_to_none=True)
@@ -147,6 +155,8 @@ def evaluate(ctx: Context, me: Client) -> dict:
         me.classifier.eval()
     loss_sum, correct, seen, a = 0.0, 0, 0, None
     for x, y in me.test_loader:
+        if me.audit:
+            me.audit.see(x, y)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with ctx.autocast():
             a = me.defense(me.extractor(x))

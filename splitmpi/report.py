@@ -152,7 +152,25 @@ def cut_tables(runs: list[Run]) -> list[Table]:
     return tables
 
 
-TABLES: list[Callable[[list[Run]], list[Table]]] = [runs_table, sharing_table, cut_tables]
+def audit_table(runs: list[Run]) -> list[Table]:
+    """The privacy audit of runs made with audit=true: messages the server received and how
+    many carried a client's raw inputs or labels (any non-zero count is a leak)."""
+    rows = []
+    for run in runs:
+        for k, series in sorted(run.groups.get("audit", {}).items()):
+            if k.startswith("@"):
+                continue
+            inputs, labels = int(series["input_matches"].sum()), int(series["label_matches"].sum())
+            rows.append({"path": str(run.path), "status": status(run),
+                         "topology": _cfg(run, "split.topology"), "cut": _cfg(run, "model.cut"),
+                         "client": int(k), "messages": int(series["messages_checked"].sum()),
+                         "raw_inputs": inputs, "labels": labels,
+                         "verdict": "clean" if inputs + labels == 0 else "RAW DATA SENT"})
+    return [Table("Privacy audit: messages carrying raw inputs or labels", rows)] if rows else []
+
+
+TABLES: list[Callable[[list[Run]], list[Table]]] = [runs_table, sharing_table, cut_tables,
+                                                    audit_table]
 
 
 def tables(runs: list[Run]) -> list[Table]:

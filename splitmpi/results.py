@@ -7,6 +7,8 @@ Layout (every series has one row per finished epoch):
   /epochs/seconds       float64 wall seconds of each epoch
   /comm/<counter>       int64 (epochs, world_size): per-rank bytes/messages sent/received
                         during that epoch (transport messages; sharing bytes are per client)
+  /audit/<k>/<series>   int64, audit=true only: messages_checked, input_matches,
+                        label_matches (messages that carried raw inputs / labels)
 
 Structure is created up front; rows are appended and flushed each epoch, so a killed job
 leaves a readable file holding every finished epoch.
@@ -22,6 +24,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import __version__
+from .audit import SERIES as AUDIT_SERIES
 from .config import Config
 from .errors import ConfigError
 
@@ -87,6 +90,11 @@ class ResultsWriter:
             group = self.file.create_group(f"clients/{k}")
             for name in CLIENT_SERIES:
                 group.create_dataset(name, shape=(0,), maxshape=(None,), dtype="f8")
+        if cfg.audit:
+            for k in range(1, clients + 1):
+                for name in AUDIT_SERIES:
+                    self.file.create_dataset(f"audit/{k}/{name}", shape=(0,), maxshape=(None,),
+                                             dtype="i8")
         self.file.create_dataset("epochs/seconds", shape=(0,), maxshape=(None,), dtype="f8")
         for name in COMM_COUNTERS:
             self.file.create_dataset(f"comm/{name}", shape=(0, world_size),
@@ -100,7 +108,7 @@ class ResultsWriter:
         self.file = h5py.File(path, "r+")
         attrs = self.file.attrs
         for name, item in self.file.items():
-            if name in ("clients", "epochs", "comm"):
+            if name in ("clients", "epochs", "comm", "audit"):
                 item.visititems(lambda _, d: d.resize(epochs, axis=0)
                                 if isinstance(d, h5py.Dataset) else None)
         if "finished" in attrs:
@@ -122,6 +130,9 @@ class ResultsWriter:
                 group.attrs["classes"] = np.asarray(report["classes"], dtype=np.int64)
             for name in CLIENT_SERIES:
                 self._append(group[name], report[name])
+            if "audit" in self.file:
+                for name in AUDIT_SERIES:
+                    self._append(self.file[f"audit/{k}/{name}"], report[name])
         self._append(self.file["epochs/seconds"], seconds)
         totals = np.array([[server[c]] + [reports[k][c] for k in sorted(reports)]
                            for c in COMM_COUNTERS], dtype=np.int64)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, data, models, results, schedule
+from .audit import ServerAudit
 from .runtime import Context
 from .transport import Kind, wait
 
@@ -30,6 +31,7 @@ class Server:
     optimizer: torch.optim.Optimizer
     schedule: schedule.Schedule
     send_grad: bool  # False when the clients' extractors have nothing to learn (cnn5 cut 0)
+    audit: ServerAudit | None  # audit=true: digests of every message received
 
 
 def prepare(ctx: Context, resume_epochs: int | None) -> Server:
@@ -44,8 +46,11 @@ def prepare(ctx: Context, resume_epochs: int | None) -> Server:
     optimizer = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay)
     torch.manual_seed(cfg.train.seed * 1000)
+    audit = ServerAudit() if cfg.audit else None
+    if audit:
+        ctx.transport.on_receive = audit.record
     return Server(cloud, head, optimizer, schedule.make(cfg.server.schedule, ctx.world),
-                  models.has_parameters(parts.extractor))
+                  models.has_parameters(parts.extractor), audit)
 
 
 def state(me: Server) -> dict:
@@ -72,6 +77,8 @@ def run(ctx: Context, me: Server, writer: results.ResultsWriter, start: int = 0)
         served = serve_phase(ctx, me, Kind.ACTIVATION, train_step)
         serve_phase(ctx, me, Kind.EVAL_ACTIVATION, eval_step)
         reports = {k: ctx.world.recv(source=k, tag=Kind.REPORT) for k in range(1, ctx.clients + 1)}
+        if me.audit:
+            audit_epoch(ctx, me.audit, reports)
         seconds = time.perf_counter() - start
         for k, report in reports.items():
             report.update(served[k])
@@ -91,6 +98,18 @@ def run(ctx: Context, me: Server, writer: results.ResultsWriter, start: int = 0)
             return True
     writer.finish()
     return False
+
+
+def audit_epoch(ctx: Context, audit: ServerAudit, reports: dict[int, dict]) -> None:
+    """Each client checks the digests of its messages; only match counts come back."""
+    for k in reports:
+        ctx.world.send(audit.take(k), dest=k, tag=Kind.AUDIT)
+    for k, report in reports.items():
+        found = ctx.world.recv(source=k, tag=Kind.AUDIT)
+        report.update(found)
+        ctx.log(f"audit: client {k}: {found['messages_checked']} messages checked, "
+                f"{found['input_matches']} carried raw inputs, "
+                f"{found['label_matches']} carried labels")
 
 
 def serve_phase(ctx: Context, me: Server, kind: Kind, step) -> dict[int, dict]:

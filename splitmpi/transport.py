@@ -26,6 +26,7 @@ class Kind(enum.IntEnum):
     ACTIVATION_GRAD = 23  # server -> client: gradient w.r.t. the activation
     LOSS = 24  # server -> client: (loss, correct) of a label_sharing training batch
     REPORT = 31  # client -> server: end of epoch, the client's metrics (small, pickled)
+    AUDIT = 32  # server <-> client, audit=true: message digests, then match counts (pickled)
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
@@ -63,6 +64,7 @@ class Transport:
         self.messages_sent = Counter()
         self.messages_received = Counter()
         self._pinned: dict[tuple, torch.Tensor] = {}
+        self.on_receive = None  # audit hook: f(source, kind, payload bytes)
 
     # -- buffers -----------------------------------------------------------------------
     def _wire(self, t: torch.Tensor, kind: Kind) -> torch.Tensor:
@@ -93,6 +95,10 @@ class Transport:
         h[0], h[1], h[2] = int(kind), DTYPE_CODE[t.dtype], t.dim()
         h[3:3 + t.dim()] = t.shape
         return h
+
+    def payload(self, t: torch.Tensor, kind: Kind) -> np.ndarray:
+        """The bytes a CPU tensor would cross the wire as (after the wire-dtype cast)."""
+        return _bytes_view(self._wire(t, kind))
 
     # -- sending -----------------------------------------------------------------------
     def isend(self, t: torch.Tensor, dest: int, kind: Kind) -> list:
@@ -129,10 +135,14 @@ class Transport:
         if device.type == "cuda" and self.gpu_aware:
             out = torch.empty(shape, dtype=wire_dtype, device=device)
             self.comm.Recv(self._buffer(out), source, int(kind))
+            if self.on_receive is not None:
+                self.on_receive(source, kind, _bytes_view(out.cpu()))
         else:
             host = (torch.empty(shape, dtype=wire_dtype) if device.type == "cpu"
                     else self._staging(("recv", source, int(kind)), shape, wire_dtype))
             self.comm.Recv(_bytes_view(host), source, int(kind))
+            if self.on_receive is not None:
+                self.on_receive(source, kind, _bytes_view(host))
             out = host if device.type == "cpu" else host.to(device)
         self.bytes_received[kind] += header.nbytes + out.numel() * out.element_size()
         self.messages_received[kind] += 2
