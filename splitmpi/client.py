@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -33,6 +34,13 @@ class Client:
     test_loader: torch.utils.data.DataLoader
     classes: list[int]
     audit: ClientAudit | None  # audit=true: digests of this client's raw inputs and labels
+
+
+class Step(NamedTuple):
+    """A training step between sending the activation and receiving its gradient."""
+    y: torch.Tensor  # labels, on the device
+    sent: torch.Tensor  # what crossed the cut (the graph back to the extractor hangs on it)
+    penalty: torch.Tensor | None  # NoPeek loss term
 
 
 def prepare(ctx: Context) -> Client:
@@ -99,51 +107,81 @@ def _end_phase(ctx: Context, kind: Kind, like: torch.Tensor | None) -> None:
 
 
 def train_epoch(ctx: Context, me: Client) -> dict:
-    t, dev = ctx.transport, ctx.device
+    """One pass over the shard. The next batch is loaded while the server works on the
+    current one (prefetch only: every step still uses the weights of the step before)."""
     me.extractor.train()
     me.defense.train()
     if me.classifier is not None:
         me.classifier.train()
-    loss_sum, correct, seen, a = 0.0, 0, 0, None
+    loss_sum, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    for x, y in me.train_loader:
+    batches = iter(me.train_loader)
+    batch = next(batches, None)
+    while batch is not None:
+        x, y = batch
         if me.audit:
             me.audit.see(x, y)
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        if me.optimizer is not None:
-            me.optimizer.zero_grad(set_to_none=True)
-        with ctx.autocast():
-            a = me.extractor(x)
-            sent = me.defense(a)
-            penalty = me.defense.penalty(x, a)
-        sends = t.isend(sent, SERVER, Kind.ACTIVATION)
-        if me.classifier is None:  # label_sharing: the server computes the loss
-            sends += t.isend(y, SERVER, Kind.LABELS)
-            stats = t.recv(SERVER, Kind.LOSS)
-            batch_loss, batch_correct = float(stats[0]), int(stats[1])
-        else:
-            h = t.recv(SERVER, Kind.FEATURES, dev).requires_grad_()
-            with ctx.autocast():
-                logits = me.classifier(h)
-                loss = nn.functional.cross_entropy(logits.float(), y)
-            loss.backward()
-            wait(sends)
-            sends = t.isend(h.grad, SERVER, Kind.FEATURE_GRAD)
-            batch_loss = loss.item() * len(y)
-            batch_correct = int((logits.argmax(1) == y).sum())
-        if sent.requires_grad:
-            grad = t.recv(SERVER, Kind.ACTIVATION_GRAD, dev, sent.dtype)
-            extra = [] if penalty is None else [penalty]
-            torch.autograd.backward([sent] + extra, [grad] + [None] * len(extra))
-        if me.optimizer is not None:
-            me.optimizer.step()
-        wait(sends)
+        step, sends = _send_activation(ctx, me, x, y)
+        batch = next(batches, None)  # overlaps the server's forward
+        batch_loss, batch_correct = _finish_step(ctx, me, step, sends)
         loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(y)
     seconds = time.perf_counter() - start
-    _end_phase(ctx, Kind.ACTIVATION, a)
+    _end_phase(ctx, Kind.ACTIVATION, step.sent if seen else None)
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
             "train_samples": seen, "train_seconds": seconds,
             "samples_per_s": seen / seconds if seconds > 0 else 0.0}
+
+
+def _delay(ctx: Context) -> None:
+    """clients.delay_ms: a far-away or slow end-system, simulated before each request."""
+    delays = ctx.cfg.clients.delay_ms
+    if delays and delays[ctx.rank - 1]:
+        time.sleep(delays[ctx.rank - 1] / 1000)
+
+
+def _send_activation(ctx: Context, me: Client, x: torch.Tensor, y: torch.Tensor):
+    """Extractor forward, defense, send (with labels in label_sharing). Returns the step
+    so far and the requests in flight."""
+    dev = ctx.device
+    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+    if me.optimizer is not None:
+        me.optimizer.zero_grad(set_to_none=True)
+    with ctx.autocast():
+        a = me.extractor(x)
+        sent = me.defense(a)
+        penalty = me.defense.penalty(x, a)
+    _delay(ctx)
+    sends = ctx.transport.isend(sent, SERVER, Kind.ACTIVATION)
+    if me.classifier is None:  # label_sharing: the server computes the loss
+        sends += ctx.transport.isend(y, SERVER, Kind.LABELS)
+    return Step(y, sent, penalty), sends
+
+
+def _finish_step(ctx: Context, me: Client, step: Step, sends: list):
+    """The rest of the step: loss (here or on the server), backward, optimizer step."""
+    t, dev = ctx.transport, ctx.device
+    y, sent, penalty = step
+    if me.classifier is None:
+        stats = t.recv(SERVER, Kind.LOSS)
+        batch_loss, batch_correct = float(stats[0]), int(stats[1])
+    else:
+        h = t.recv(SERVER, Kind.FEATURES, dev).requires_grad_()
+        with ctx.autocast():
+            logits = me.classifier(h)
+            loss = nn.functional.cross_entropy(logits.float(), y)
+        loss.backward()
+        wait(sends)
+        sends = t.isend(h.grad, SERVER, Kind.FEATURE_GRAD)
+        batch_loss = loss.item() * len(y)
+        batch_correct = int((logits.argmax(1) == y).sum())
+    if sent.requires_grad:
+        grad = t.recv(SERVER, Kind.ACTIVATION_GRAD, dev, sent.dtype)
+        extra = [] if penalty is None else [penalty]
+        torch.autograd.backward([sent] + extra, [grad] + [None] * len(extra))
+    if me.optimizer is not None:
+        me.optimizer.step()
+    wait(sends)
+    return batch_loss, batch_correct
 
 
 @torch.no_grad()
@@ -160,6 +198,7 @@ def evaluate(ctx: Context, me: Client) -> dict:
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with ctx.autocast():
             a = me.defense(me.extractor(x))
+        _delay(ctx)
         sends = t.isend(a, SERVER, Kind.EVAL_ACTIVATION)
         h = t.recv(SERVER, Kind.FEATURES, dev)
         with ctx.autocast():

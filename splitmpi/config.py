@@ -77,6 +77,12 @@ class ServerConfig:
 
 
 @dataclass
+class ClientsConfig:
+    count: int = 0  # 0: world size - 1; otherwise the launch must match it
+    delay_ms: list = field(default_factory=list)  # per client: simulated network delay per request
+
+
+@dataclass
 class DefenseConfig:
     noise_sigma: float = 0.0  # std of Gaussian noise added to every activation sent
     nopeek_alpha: float = 0.0  # weight of the NoPeek distance-correlation loss
@@ -112,7 +118,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
-    clients: int = 0  # 0: world size - 1; otherwise must equal it
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
     audit: bool = False  # server digests every message; clients check none is their raw data
     output: str = "results.h5"
     overwrite: bool = False
@@ -285,10 +291,16 @@ def check_world(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"splitmpi needs a server and at least one client, got {world_size} "
                           "rank", "launch with mpirun -n 1+CLIENTS, e.g. mpirun -n 4 for 3 clients")
     clients = world_size - 1
-    if cfg.clients and cfg.clients != clients:
-        raise ConfigError(f"clients={cfg.clients} but the world has {world_size} ranks "
+    count = cfg.clients.count
+    if count and count != clients:
+        raise ConfigError(f"clients.count={count} but the world has {world_size} ranks "
                           f"({clients} clients + server)",
-                          f"launch with mpirun -n {cfg.clients + 1}, or set clients={clients}")
+                          f"launch with mpirun -n {count + 1}, or set clients.count={clients}")
+    delays = cfg.clients.delay_ms
+    if delays and (len(delays) != clients or not all(
+            isinstance(d, (int, float)) and d >= 0 for d in delays)):
+        raise ConfigError(f"clients.delay_ms={delays} must hold one delay >= 0 per client "
+                          f"({clients})", f"e.g. clients.delay_ms=[{', '.join(['0'] * clients)}]")
     part = cfg.data.partition
     if isinstance(part, list) and len(part) != clients:
         raise ConfigError(f"data.partition lists {len(part)} clients but the world has "

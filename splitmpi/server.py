@@ -116,7 +116,8 @@ def serve_phase(ctx: Context, me: Server, kind: Kind, step) -> dict[int, dict]:
     """Serve requests on ``kind`` in schedule order until every client has ended the phase."""
     active = list(range(1, ctx.clients + 1))
     stats = defaultdict(lambda: {"batches_served": 0, "queue_wait_seconds": 0.0,
-                                 "server_busy_seconds": 0.0})
+                                 "server_busy_seconds": 0.0, "phase_end_seconds": 0.0})
+    start = time.perf_counter()
     while active:
         waited = time.perf_counter()
         k = me.schedule.next(active, kind)
@@ -124,6 +125,7 @@ def serve_phase(ctx: Context, me: Server, kind: Kind, step) -> dict[int, dict]:
         began = time.perf_counter()
         if a.shape[0] == 0:
             active.remove(k)
+            stats[k]["phase_end_seconds"] = began - start
             continue
         step(ctx, me, k, a)
         s = stats[k]

@@ -57,7 +57,7 @@ def test_resnet_cut_must_match_arch():
 
 
 def test_world_size_must_match_clients():
-    cfg = config.load(None, ["clients=3"])
+    cfg = config.load(None, ["clients.count=3"])
     assert config.check_world(cfg, 4) == 3
     with pytest.raises(ConfigError, match="mpirun -n 4"):
         config.check_world(cfg, 3)
@@ -66,6 +66,10 @@ def test_world_size_must_match_clients():
     listed = config.load(None, ["data.partition=[[0],[1]]"])
     with pytest.raises(ConfigError, match="lists 2 clients"):
         config.check_world(listed, 4)
+    delayed = config.load(None, ["clients.delay_ms=[0, 50]"])
+    assert config.check_world(delayed, 3) == 2
+    with pytest.raises(ConfigError, match="one delay >= 0 per client"):
+        config.check_world(delayed, 4)
 
 
 def test_missing_config_file():

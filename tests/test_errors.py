@@ -11,7 +11,7 @@ import mpirun
     (2, ["train.epoch=3"], ["unknown config key 'train.epoch'"]),
     (2, ["train.lr=fast"], ["train.lr must be float"]),
     (2, ["model.arch=resnet50", "model.cut=layer4"], ["not a cut of resnet50"]),
-    (3, ["clients=3"], ["clients=3 but the world has 3 ranks", "mpirun -n 4"]),
+    (3, ["clients.count=3"], ["clients.count=3 but the world has 3 ranks", "mpirun -n 4"]),
     (3, ["data.partition=[[0,1],[2,12]]"], ["names class 12"]),
     (2, ["data.name=mnist", "data.root=nowhere"], ["train-images-idx3-ubyte", "nowhere"]),
     (2, ["data.name=cifar10", "data.root=nowhere"], ["cifar-10-batches-py"]),

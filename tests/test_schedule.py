@@ -1,0 +1,51 @@
+"""Server schedules: each trains correctly, fifo serves a slow client less often without
+starving it, and no schedule deadlocks at 1, 2 or 7 clients."""
+import math
+
+import pytest
+
+import mpirun
+from splitmpi import reader
+
+SCHEDULES = ("round_robin", "sequential", "fifo")
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_each_schedule_learns(tmp_path, schedule):
+    mpirun.ok(4, "train.epochs=3", "split.share=false", f"server.schedule={schedule}",
+              "output=s.h5", cwd=tmp_path, timeout=300)
+    run = reader.read(tmp_path / "s.h5")
+    for k, series in run.clients.items():
+        chance = 1 / len(run.classes[k])
+        assert series["train_accuracy"][-1] > 2 * chance, (schedule, k)
+        assert series["test_accuracy"].max() > 1.5 * chance, (schedule, k)
+        assert series["train_loss"][-1] < 0.7 * series["train_loss"][0], (schedule, k)
+
+
+def phase_ends(tmp_path, schedule):
+    mpirun.ok(4, "data.train_size=600", "data.test_size=60", "data.image_size=16",
+              "data.partition=iid", "train.epochs=1", "clients.delay_ms=[0, 0, 100]",
+              f"server.schedule={schedule}", f"output={schedule}.h5", cwd=tmp_path)
+    run = reader.read(tmp_path / f"{schedule}.h5")
+    for k, series in run.clients.items():  # never starved: every batch was served
+        assert series["batches_served"][0] == math.ceil(series["train_samples"][0] / 32)
+    return {k: run.clients[k]["phase_end_seconds"][0] for k in run.clients}
+
+
+def test_fifo_serves_a_delayed_client_less_often_but_never_starves_it(tmp_path):
+    fifo = phase_ends(tmp_path, "fifo")
+    turns = phase_ends(tmp_path, "round_robin")
+    # fifo: the fast clients finish long before the slow one; round robin makes them wait
+    assert max(fifo[1], fifo[2]) < 0.6 * fifo[3], fifo
+    assert min(turns[1], turns[2]) > 0.8 * turns[3], turns
+
+
+@pytest.mark.parametrize("n, schedule", [(n, s) for n in (2, 3) for s in SCHEDULES]
+                         + [(8, "fifo"), (8, "sequential")])
+def test_no_deadlock(tmp_path, n, schedule):
+    """1, 2 and 7 clients (round robin at 7 is the 3-client case with more turns)."""
+    mpirun.ok(n, "data.train_size=140", "data.test_size=70", "data.image_size=16",
+              "data.partition=iid", "train.epochs=2", "train.batch_size=16",
+              f"server.schedule={schedule}", "output=d.h5", cwd=tmp_path, timeout=200)
+    run = reader.read(tmp_path / "d.h5")
+    assert run.finished and len(run.clients) == n - 1
