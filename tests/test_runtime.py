@@ -1,0 +1,33 @@
+"""Where a rank runs: device choice, threads per rank, mixed precision on the CPU path."""
+import pytest
+import torch
+
+import mpirun
+from splitmpi import reader
+from splitmpi.errors import ConfigError
+from splitmpi.runtime import pick_device, pick_threads
+
+
+def test_auto_picks_the_local_gpu_or_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert pick_device("auto", 5) == torch.device("cuda", 1)  # node-local rank % GPUs
+    assert pick_device("cuda", 2) == torch.device("cuda", 2)
+    assert pick_device("cpu", 2) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto", 3) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        pick_device("cuda", 0)
+
+
+def test_threads_share_the_node():
+    assert pick_threads(3, 4) == 3
+    assert pick_threads(0, 10 ** 6) == 1
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    mpirun.ok(3, *mpirun.TINY, "train.epochs=3", "train.amp=bf16", "output=amp.h5",
+              cwd=tmp_path)
+    run = reader.read(tmp_path / "amp.h5")
+    for series in run.clients.values():
+        assert series["train_loss"][-1] < series["train_loss"][0]
