@@ -48,14 +48,10 @@ def prepare(ctx: Context) -> Client:
     cfg = ctx.cfg
     data.check_available(cfg.data)
     train_loader, test_loader, classes = data.client_loaders(cfg, ctx.rank, ctx.clients)
-    spec = data.spec(cfg.data)
-    parts = models.build(cfg.model, spec.channels, spec.image_size, spec.num_classes,
-                         cfg.train.seed)
+    parts = models.for_run(cfg)
     extractor = parts.extractor.to(ctx.device)
     classifier = parts.classifier.to(ctx.device) if cfg.split.topology == "u_shape" else None
-    params = list(extractor.parameters()) + (list(classifier.parameters()) if classifier else [])
-    optimizer = (torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
-                                 weight_decay=cfg.train.weight_decay) if params else None)
+    optimizer = models.sgd([extractor, classifier], cfg.train)
     torch.manual_seed(cfg.train.seed * 1000 + ctx.rank)
     audit = ClientAudit(ctx.transport) if cfg.audit else None
     return Client(extractor, classifier, Defense(cfg.defense), optimizer, train_loader,

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet50
 
-from .config import ModelConfig
+from .config import Config, ModelConfig, TrainConfig
+from .data import spec
 
 RESNET_CUTS = ("layer1", "layer2", "layer3")
 CNN5_FILTERS = (16, 32, 64, 128, 256)
@@ -30,6 +31,20 @@ def build(cfg: ModelConfig, channels: int, image_size: int, num_classes: int,
     if cfg.arch == "resnet50":
         return _resnet50(cfg.cut, channels, image_size, num_classes)
     return _cnn5(int(cfg.cut), channels, image_size, num_classes)
+
+
+def for_run(cfg: Config) -> SplitModel:
+    """The run's network, sized by its data set, from the run's seed (same on every rank)."""
+    shape = spec(cfg.data)
+    return build(cfg.model, shape.channels, shape.image_size, shape.num_classes,
+                 cfg.train.seed)
+
+
+def sgd(modules: list[nn.Module | None], cfg: TrainConfig) -> torch.optim.SGD | None:
+    """One SGD over the parameters of ``modules`` (None entries skipped); None if none."""
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    return (torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                            weight_decay=cfg.weight_decay) if params else None)
 
 
 def _resnet50(cut: str, channels: int, image_size: int, num_classes: int) -> SplitModel:

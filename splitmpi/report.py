@@ -280,13 +280,18 @@ def plot_accuracy(runs: list[Run], outdir: Path) -> list[Path]:
                      + ("" if run.finished else " (UNFINISHED)"))
         ax.title.set_fontsize(9)
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(outdir / f"accuracy_{_slug(run.path.stem)}{suffix}.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(plt, fig, ax, outdir / f"accuracy_{_slug(run.path.stem)}{suffix}.png"))
     return paths
+
+
+def _save(plt, fig, ax, path: Path) -> Path:
+    """The common finish of every figure: grid, legend, tight layout, PNG, close."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_cuts(runs: list[Run], outdir: Path) -> list[Path]:
@@ -311,12 +316,7 @@ def plot_cuts(runs: list[Run], outdir: Path) -> list[Path]:
                         linestyle="-" if row["status"] == "finished" else "--")
             ax.set(xlabel="cut (blocks/layers on the clients)", ylabel=ylabel,
                    title=f"{arch}: {ylabel.split(' (')[0]} by cut")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            paths.append(outdir / f"{name}_by_cut_{_slug(arch)}.png")
-            fig.savefig(paths[-1], dpi=110)
-            plt.close(fig)
+            paths.append(_save(plt, fig, ax, outdir / f"{name}_by_cut_{_slug(arch)}.png"))
     return paths
 
 

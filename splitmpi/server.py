@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import checkpoint, data, models, results, schedule
+from . import checkpoint, models, results, schedule
 from .audit import ServerAudit
 from .runtime import Context
 from .transport import Kind, wait
@@ -37,14 +37,10 @@ class Server:
 def prepare(ctx: Context, resume_epochs: int | None) -> Server:
     cfg = ctx.cfg
     results.check_output(cfg, ctx.world.Get_size(), resume_epochs)
-    spec = data.spec(cfg.data)
-    parts = models.build(cfg.model, spec.channels, spec.image_size, spec.num_classes,
-                         cfg.train.seed)
+    parts = models.for_run(cfg)
     cloud = parts.cloud.to(ctx.device)
     head = parts.classifier.to(ctx.device) if cfg.split.topology == "label_sharing" else None
-    params = list(cloud.parameters()) + (list(head.parameters()) if head else [])
-    optimizer = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
-                                weight_decay=cfg.train.weight_decay)
+    optimizer = models.sgd([cloud, head], cfg.train)
     torch.manual_seed(cfg.train.seed * 1000)
     audit = ServerAudit() if cfg.audit else None
     if audit:
