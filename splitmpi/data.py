@@ -10,6 +10,7 @@ own shard, so no indices are ever sent over MPI.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,7 +212,12 @@ def _load(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     if cfg.name == "synthetic":
         return _synthetic(cfg)
     build = {"mnist": _mnist, "cifar10": _cifar10, "imagenet": _imagenet}[cfg.name]
-    return build(cfg, True), build(cfg, False)
+    try:
+        return build(cfg, True), build(cfg, False)
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        raise ConfigError(f"the {cfg.name} files under {cfg.root} are corrupt or truncated "
+                          f"({type(exc).__name__}: {str(exc)[:160]})",
+                          "replace them with complete copies of the data set") from None
 
 
 def targets_of(dataset: Dataset) -> np.ndarray:

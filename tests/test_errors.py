@@ -26,6 +26,20 @@ def test_bad_input_exits_2_with_one_message(tmp_path, n, args, words):
     assert not (tmp_path / "results.h5").exists()  # nothing started
 
 
+@pytest.mark.parametrize("name, writer, path", [
+    ("mnist", "write_mnist", "MNIST/raw/train-images-idx3-ubyte"),
+    ("cifar10", "write_cifar10", "cifar-10-batches-py/data_batch_3"),
+])
+def test_a_truncated_data_file_is_a_clear_error(tmp_path, name, writer, path):
+    import datasets
+    getattr(datasets, writer)(tmp_path / "data")
+    broken = tmp_path / "data" / path
+    broken.write_bytes(broken.read_bytes()[:5000])
+    proc = mpirun.run(2, f"data.name={name}", "data.root=data", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "corrupt or truncated" in proc.stderr and proc.stderr.count("splitmpi: error") == 1
+
+
 def test_existing_output_is_not_clobbered(tmp_path):
     out = tmp_path / "results.h5"
     out.write_bytes(b"precious")
