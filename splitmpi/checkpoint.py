@@ -8,6 +8,7 @@ checkpoint that would need arbitrary pickled objects (and could run code) is ref
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import shutil
@@ -59,8 +60,18 @@ def save(world: MPI.Comm, cfg: Config, epoch: int, state: dict) -> Path:
                "identity": identity(cfg, world.Get_size()), "state": state}
     target = folder / f"rank-{rank}.pt"
     temporary = folder / f".rank-{rank}.pt.tmp"
-    torch.save(payload, temporary)
-    os.replace(temporary, target)
+    blob = io.BytesIO()
+    torch.save(payload, blob)  # serialise first: a full disk then fails as a plain OSError
+    try:
+        with open(temporary, "wb") as f:
+            f.write(blob.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, target)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise RuntimeError(f"cannot write checkpoint {target} ({exc}); the last complete "
+                           f"checkpoint in {folder.parent} is intact") from exc
     world.Barrier()
     if rank == 0:
         marker = folder / f".{COMPLETE}.tmp"

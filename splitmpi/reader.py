@@ -1,5 +1,7 @@
 """Read a splitmpi results file back into plain Python and numpy (no MPI needed).
 
+A file can be read while its run is still going: it holds every epoch flushed so far.
+
 ``python -m splitmpi.reader RESULTS.h5`` prints a summary of one file.
 """
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _load_group(group: h5py.Group) -> dict:
 def read(path: str | Path) -> Run:
     path = Path(path)
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(path, "r", locking=False)  # readable while a run still writes it
     except OSError as exc:
         raise NotAResult(f"{path} is not a readable HDF5 file ({exc})") from None
     with f:

@@ -128,3 +128,29 @@ def test_resume_needs_a_complete_checkpoint(tmp_path):
     (tmp_path / "half").mkdir()
     proc = mpirun.run(2, "output=x.h5", "train.resume=half", cwd=tmp_path)
     assert proc.returncode == 2 and "not a complete checkpoint set" in proc.stderr
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 6 MB file system: one checkpoint set (~4.4 MB) fits, a second does not."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs",
+                                            str(mount)]).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_a_full_disk_fails_clearly_and_keeps_the_last_checkpoint(tmp_path, tiny_disk):
+    proc = mpirun.run(3, *ARGS, "train.checkpoint_every=1", f"train.checkpoint_dir={tiny_disk}",
+                      "output=full.h5", cwd=tmp_path, timeout=120)
+    assert proc.returncode not in (0, 2)
+    assert "cannot write checkpoint" in proc.stderr and "No space left" in proc.stderr
+    assert (tiny_disk / "epoch-00001" / "COMPLETE").exists()
+    assert not (tiny_disk / "epoch-00002" / "COMPLETE").exists()
+    assert reader.read(tmp_path / "full.h5").epochs == 2  # rows written so far are intact
+    subprocess.run(["rm", "-rf", str(tiny_disk / "epoch-00002")])
+    mpirun.ok(3, *ARGS, "train.epochs=2", f"train.checkpoint_dir={tiny_disk}",
+              "output=full.h5", "train.resume=auto", cwd=tmp_path)
+    assert reader.read(tmp_path / "full.h5").finished
