@@ -10,6 +10,26 @@ if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
     export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
 fi
 
+# The job script's own arguments, kept for a resubmission (sourcing keeps the caller's "$@").
+JOB_ARGS=("$@")
+
+resubmit() {
+    # splitmpi exited 75: it wrote a checkpoint after SIGUSR1 (--signal, ahead of the time
+    # limit) or SIGTERM (preemption). Queue this script again with the same resources and
+    # results file, resuming from that checkpoint. RESUBMIT=0 turns this off; RESUBMIT_LEFT
+    # (default 20) bounds the chain.
+    local left=${RESUBMIT_LEFT:-20}
+    if [[ ${RESUBMIT:-1} == 0 || -z ${SLURM_JOB_ID:-} ]]; then return; fi
+    if (( left <= 0 )); then
+        echo "not resubmitting: RESUBMIT_LEFT is spent" >&2
+        return
+    fi
+    sbatch --export="ALL,OUTPUT=$OUTPUT,SPLITMPI_HOME=$SPLITMPI_HOME,RESUBMIT_LEFT=$((left - 1))" \
+        --job-name="$SLURM_JOB_NAME" --ntasks="$SLURM_NTASKS" --chdir="$PWD" \
+        ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
+        "$0" "${JOB_ARGS[@]}" train.resume=auto
+}
+
 launch() {
     local ntasks=${SLURM_NTASKS:-4} cmd mpiexec python_path
     case $LAUNCHER in
@@ -29,5 +49,11 @@ launch() {
     esac
     echo "splitmpi job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-$(hostname)}," \
          "$ntasks ranks: ${cmd[*]}"
-    "${cmd[@]}"
+    local code=0
+    "${cmd[@]}" || code=$?
+    if (( code == 75 )); then
+        echo "splitmpi stopped after a checkpoint; resubmitting to resume it"
+        resubmit
+    fi
+    return $code
 }

@@ -144,3 +144,39 @@ def test_sweep_array(cluster, tmp_path):
                            timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "nothing to submit" in again.stdout and again.stdout.count("skip ") == 2, again.stdout
+
+
+def test_signal_checkpoints_and_the_job_resubmits_itself(cluster, tmp_path):
+    """USR1 (what --signal sends before the time limit) reaches every rank; the run stops
+    after a checkpoint with exit 75, the script resubmits itself, and the next job resumes
+    the same results file to the end."""
+    import time
+    data, work = tmp_path / "imagenet", tmp_path / "work"
+    work.mkdir()
+    datasets.write_imagefolder(data, classes=10, train_per_class=12, val_per_class=2, size=32)
+    output = work / "chain.h5"
+    args = ("train.epochs=4", "data.image_size=32", "data.workers=0", "train.batch_size=4",
+            "train.device=cpu", "model.arch=cnn5", "model.cut=2")
+    proc = cluster.sbatch(f"--chdir={work}", "--cpus-per-task=2", "slurm/imagenet_split.sh",
+                          *args, env={"DATA_ROOT": str(data), "OUTPUT": str(output),
+                                      "PYTHON": sys.executable}, cwd=ROOT, timeout=60)
+    first = job_id(proc)
+    first_log = work / f"imagenet-split-{first}.out"
+    deadline = time.monotonic() + 300
+    while "epoch 1/4 done" not in show(first_log):
+        assert time.monotonic() < deadline, f"{show(first_log)}\n{cluster.queue()}"
+        time.sleep(0.5)
+    cluster.command("scancel", "--signal=USR1", first)
+    while True:  # the first job's log names the job it queued; wait for that one to finish
+        found = re.search(r"Submitted batch job (\d+)", show(first_log))
+        if found and output.exists() and reader.read(output).finished:
+            break
+        assert time.monotonic() < deadline, f"{show(first_log)}\n{cluster.queue()}\n" + \
+            "\n".join(show(p) for p in work.glob("*.out"))
+        time.sleep(1)
+    text = show(first_log)
+    assert "stopped by a signal after epoch" in text and "resubmitting" in text, text
+    second_log = work / f"imagenet-split-{found.group(1)}.out"
+    assert "resuming after epoch" in show(second_log), show(second_log)
+    run = check_run(output, clients=3, epochs=4)
+    assert len(run.attrs["resumed"]) == 1
