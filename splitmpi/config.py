@@ -101,6 +101,7 @@ class AttackConfig:
     epochs: int = 10  # decoder training epochs
     batch_size: int = 64
     lr: float = 0.001
+    decoder_width: int = 32  # fewest channels of a decoder layer (mirrored widths above it)
     rmle_steps: int = 200
     rmle_tv: float = 0.01  # total-variation prior weight
     rmle_lr: float = 0.05  # Adam step size on the input pixels ([-1, 1] scale)

@@ -1,0 +1,228 @@
+"""Inversion attacks and defenses on tiny data: the attacks learn, the defenses change what
+is sent, and results round-trip through the HDF5 file and splitmpi.reader."""
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mpirun
+from splitmpi import attack, config, data, models, reader, results
+from splitmpi.config import DefenseConfig
+from splitmpi.defense import Defense, distance_correlation
+from splitmpi.results import ResultsWriter
+
+TINY = ["data.image_size=16", "data.train_size=240", "data.test_size=60", "train.epochs=1",
+        "train.batch_size=30", "attack.aux_samples=96", "attack.eval_samples=8",
+        "attack.epochs=2", "attack.batch_size=32", "attack.rmle_steps=15", "attack.grid=4"]
+
+
+@pytest.fixture(autouse=True)
+def few_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def target(cfg, defense=None):
+    sp = data.spec(cfg.data)
+    parts = models.build(cfg.model, sp.channels, sp.image_size, sp.num_classes, 0)
+    d = Defense(defense or cfg.defense)
+    attack._freeze([parts.extractor, d])
+    return attack.Target(parts.extractor, d, float("nan"), "initial weights")
+
+
+def test_decoder_mirrors_the_extractor():
+    for arch, cut, size in (("cnn5", 1, 28), ("cnn5", 4, 28), ("cnn5", 3, 16),
+                            ("resnet50", "layer2", 16)):
+        cfg = config.load(None, [f"model.arch={arch}", f"model.cut={cut}",
+                                 f"data.image_size={size}", "data.channels=1"])
+        t = target(cfg)
+        shapes = attack.stage_shapes(t.extractor, (1, size, size))
+        dec = attack.build_decoder(shapes)
+        feats = t.extractor(torch.zeros(2, 1, size, size))
+        out = dec(feats)
+        assert out.shape == (2, 1, size, size), (arch, cut)
+        ups = sum(isinstance(m, nn.ConvTranspose2d) for m in dec.modules())
+        assert ups == {("cnn5", 1): 1, ("cnn5", 4): 4, ("cnn5", 3): 3,
+                       ("resnet50", "layer2"): 1}[(arch, cut)]
+
+
+def test_decoder_attack_learns():
+    cfg = config.load(None, [*TINY, "model.cut=1", "attack.epochs=4"])
+    t = target(cfg)
+    aux, evaluated, _, _ = attack.attack_images(cfg)
+    assert aux.shape == (96, 3, 16, 16) and evaluated.shape == (8, 3, 16, 16)
+    result = attack.decoder_attack(cfg, t, aux, evaluated, torch.device("cpu"))
+    loss, err = result["series"]["train_loss"], result["series"]["eval_mse"]
+    assert loss[-1] < 0.7 * loss[0] and err[-1] < err[0]
+    assert result["reconstruction"].shape == evaluated.shape
+    assert result["reconstruction"].abs().max() <= 1  # tanh output
+
+
+def test_aux_images_exclude_client_1_with_others():
+    cfg = config.load(None, [*TINY, "attack.aux=others"])
+    train, _, classes = data.client_datasets(cfg, 1, 3)
+    mine = {tuple(train[i][0].flatten()[:8].tolist()) for i in range(len(train))}
+    aux, _, where, _ = attack.attack_images(cfg)
+    assert "clients 2..N" in where
+    assert not any(tuple(x.flatten()[:8].tolist()) in mine for x in aux)
+
+
+def test_rmle_reduces_feature_mismatch():
+    cfg = config.load(None, [*TINY, "model.cut=2"])
+    t = target(cfg)
+    _, evaluated, _, _ = attack.attack_images(cfg)
+    observed = attack.observe(t, evaluated)
+    x, history = attack.rmle(t.extractor, observed, tuple(evaluated.shape), steps=40, tv=0.01,
+                             lr=0.05)
+    assert history[-1] < 0.5 * history[0]
+    assert x.min() >= -1 and x.max() <= 1
+    assert float(nn.functional.mse_loss(t.extractor(x), observed)) == pytest.approx(
+        history[-1], rel=1e-5)
+
+
+def test_noise_defense_changes_what_is_sent():
+    d = Defense(DefenseConfig(noise_sigma=0.5))
+    d.eval()  # the noise stays on at inference: the attacker sees what is sent
+    a = torch.randn(64, 16, 8, 8)
+    sent = d(a)
+    assert (sent - a).std().item() == pytest.approx(0.5, rel=0.03)
+    assert not torch.equal(d(a), sent)
+    cfg = config.load(None, [*TINY, "model.cut=1"])
+    t = target(cfg, DefenseConfig(noise_sigma=0.5))
+    x = attack.attack_images(cfg)[1]
+    assert not torch.equal(attack.observe(t, x), attack.observe(t, x))
+    plain = target(cfg)
+    assert (attack.observe(t, x) - attack.observe(plain, x)).std().item() == pytest.approx(
+        0.5, rel=0.05)
+
+
+def test_dropout_defense_is_training_only():
+    d = Defense(DefenseConfig(dropout=0.5))
+    a = torch.rand(200, 100) + 0.1
+    d.train()
+    assert (d(a) == 0).float().mean().item() == pytest.approx(0.5, abs=0.03)
+    d.eval()
+    assert torch.equal(d(a), a)
+
+
+def test_nopeek_penalty_is_differentiable_and_reaches_the_extractor():
+    cfg = config.load(None, ["model.cut=2", "data.image_size=16"])
+    parts = models.build(cfg.model, 3, 16, 10, 0)
+    d = Defense(DefenseConfig(nopeek_alpha=0.7))
+    x = torch.randn(24, 3, 16, 16)
+    a = parts.extractor(x)
+    penalty = d.penalty(x, a)
+    assert penalty.requires_grad and 0 < penalty.item() <= 0.7 + 1e-6
+    penalty.backward()
+    grads = [p.grad for p in parts.extractor.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert Defense(DefenseConfig()).penalty(x, a) is None
+
+
+def test_distance_correlation_identical_vs_independent():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 3, generator=g)
+    y = torch.randn(256, 3, generator=g)
+    assert distance_correlation(x, x).item() == pytest.approx(1.0, abs=1e-5)
+    assert distance_correlation(x, 3 * x + 1).item() == pytest.approx(1.0, abs=1e-5)
+    independent = distance_correlation(x, y).item()  # sample dCor is biased upwards
+    assert independent < 0.3
+    half = distance_correlation(x, torch.cat([x[:, :2], y[:, 2:]], 1)).item()
+    assert 0.5 < half < 1
+
+
+def groups(path):
+    return reader.read(path).groups["attack"]
+
+
+def test_cli_writes_a_results_file_that_reader_reads(tmp_path):
+    out = tmp_path / "attack.h5"
+    proc = subprocess.run([sys.executable, "-m", "splitmpi.attack", *TINY, "model.cut=1",
+                           "attack.method=both", f"attack.output={out}",
+                           f"attack.save={tmp_path / 'model.pt'}"],
+                          env=mpirun.env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "decoder: PSNR" in proc.stdout and "rmle: PSNR" in proc.stdout
+    run = reader.read(out)
+    assert run.finished and run.attrs["world_size"] == 1 and run.attrs["clients"] == 3
+    assert run.config["attack"]["method"] == "both"
+    g = run.groups["attack"]
+    assert set(g) == {"decoder", "rmle"}
+    for method, group in g.items():
+        for name in ("psnr", "ssim", "mse", "score"):
+            assert group[name].shape == (8,) and np.isfinite(group[name]).all()
+            assert group[f"@{name}_mean"] == pytest.approx(group[name].mean())
+            assert group[f"@{name}_std"] == pytest.approx(group[name].std())
+        assert group["originals"].dtype == np.uint8 and group["originals"].shape == (4, 16, 16, 3)
+        assert group["reconstructions"].shape == (4, 16, 16, 3)
+        assert group["@pixel_range"] == "[0,1]" and group["@cut"] == 1
+        assert group["@arch"] == "cnn5" and group["@defense_noise_sigma"] == 0
+        assert 0 <= group["@utility_accuracy"] <= 1
+        assert np.allclose(group["score"], 1 - 1000 * group["mse"])
+    assert g["rmle"]["@feature_mse_end"] < g["rmle"]["@feature_mse_start"]
+
+    # the saved model is a valid attack.checkpoint; a new method replaces only its own group
+    before = g["decoder"]["psnr"]
+    assert attack.main([*TINY, "model.cut=1", "attack.method=rmle", f"attack.output={out}",
+                        f"attack.checkpoint={tmp_path / 'model.pt'}",
+                        "attack.rmle_steps=3"]) == 0
+    g2 = groups(out)
+    assert np.array_equal(g2["decoder"]["psnr"], before)
+    assert g2["rmle"]["@steps"] == 3
+    assert g2["rmle"]["@utility_accuracy"] == pytest.approx(g["rmle"]["@utility_accuracy"])
+
+
+def test_attack_is_added_to_an_existing_run_file(tmp_path):
+    out = tmp_path / "run.h5"
+    cfg = config.load(None, [f"output={out}"])
+    w = ResultsWriter(cfg, 4, 3)
+    counters = {c: 1 for c in results.COMM_COUNTERS}
+    w.append_epoch(1.0, {k: {"classes": [k], **{n: 0.5 for n in results.CLIENT_SERIES},
+                             **counters} for k in (1, 2, 3)}, counters)
+    w.finish()
+    extractor = target(config.load(None, ["model.cut=1", "data.image_size=16"])).extractor
+    # the layout of a splitmpi client checkpoint (OUTPUT.ckpt/epoch-N/rank-1.pt)
+    torch.save({"format": 1, "epoch": 1, "state": {"extractor": extractor.state_dict()}},
+               tmp_path / "ext.pt")
+    assert attack.main([*TINY, "model.cut=1", f"output={out}", "attack.method=rmle",
+                        f"attack.checkpoint={tmp_path / 'ext.pt'}"]) == 0
+    run = reader.read(out)
+    assert run.attrs["world_size"] == 4 and run.epochs == 1 and len(run.clients) == 3
+    assert np.isnan(run.groups["attack"]["rmle"]["@utility_accuracy"])  # extractor only
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["attack.aux=mine"], "attack.aux"),
+    (["attack.checkpoint=nowhere.pt"], "attack.checkpoint"),
+    (["attack.method=gan"], "attack.method"),
+    (["attack.eval_samples=0"], "attack.eval_samples"),
+])
+def test_bad_settings_exit_2(tmp_path, capsys, overrides, words):
+    assert attack.main([*TINY, f"attack.output={tmp_path / 'x.h5'}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("splitmpi.attack: error:") and words in err
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_bad_checkpoint_and_foreign_output_exit_2(tmp_path, capsys):
+    torch.save({"extractor": target(config.load(None, ["model.cut=2", "data.image_size=16"]))
+                .extractor.state_dict()}, tmp_path / "cut2.pt")
+    torch.save({"weights": {}}, tmp_path / "empty.pt")
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = 1
+    for args, words in (
+            ([f"attack.checkpoint={tmp_path / 'cut2.pt'}", "model.cut=1"], "model.cut=1"),
+            ([f"attack.checkpoint={tmp_path / 'empty.pt'}"], "no extractor"),
+            ([f"attack.output={foreign}"], "not a splitmpi results file")):
+        out = [] if any("output" in a for a in args) else [f"attack.output={tmp_path / 'o.h5'}"]
+        assert attack.main([*TINY, *args, *out]) == 2, args
+        assert words in capsys.readouterr().err
+    with h5py.File(foreign, "r") as f:
+        assert list(f) == ["x"]

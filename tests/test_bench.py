@@ -1,0 +1,73 @@
+"""``python -m splitmpi.bench ... --smoke`` under real mpiexec: each benchmark runs end to end,
+prints its table and ratio line, and saves JSON with the expected keys. No timing is
+asserted (the smoke sizes measure nothing)."""
+import json
+import re
+
+import pytest
+
+import mpirun
+
+COMMON = ("benchmark", "smoke", "date", "world_size", "cores", "mpi_library", "torch",
+          "rows", "ratio", "ratio_line", "settings")
+
+
+def bench(n, name, tmp_path, default_path=False):
+    """Run it; the JSON goes to --json PATH, or to bench-NAME.json in the working folder."""
+    path = tmp_path / (f"bench-{name}.json" if default_path else "out/b.json")
+    path.parent.mkdir(exist_ok=True)
+    where = () if default_path else ("--json", str(path))
+    proc = mpirun.ok(n, name, "--smoke", *where, module="splitmpi.bench", cwd=tmp_path,
+                     timeout=180)
+    doc = json.loads(path.read_text())
+    for key in COMMON:
+        assert key in doc, key
+    assert doc["benchmark"] == name and doc["smoke"] is True and doc["world_size"] == n
+    assert doc["ratio_line"] in proc.stdout
+    return proc.stdout, doc
+
+
+def test_transport(tmp_path):
+    out, doc = bench(2, "transport", tmp_path, default_path=True)
+    assert re.search(r"^ratio transport/raw at >= 1 MiB: \d+\.\d\d$", out, re.M), out
+    assert "raw GB/s" in out and "splitmpi GB/s" in out and "pickle GB/s" in out
+    sizes = [r["bytes"] for r in doc["rows"]]
+    assert sizes == sorted(sizes) and sizes[0] == 4096 and max(sizes) >= 1 << 20
+    for row in doc["rows"]:
+        assert row["raw_gbps"] > 0 and row["splitmpi_gbps"] > 0 and row["ratio"] > 0
+    assert any(row["pickle_gbps"] for row in doc["rows"])
+
+
+def test_transport_needs_two_ranks(tmp_path):
+    proc = mpirun.run(1, "transport", "--smoke", module="splitmpi.bench", cwd=tmp_path,
+                      timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "mpiexec -n 2" in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing saved
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_train(tmp_path, n):
+    out, doc = bench(n, "train", tmp_path)
+    clients = n - 1
+    assert re.search(rf"^ratio split/monolithic at {clients} clients? \(median over models\): "
+                     r"round_robin \d+\.\d\d, sequential \d+\.\d\d, fifo \d+\.\d\d; "
+                     r"fifo/sequential samples/s: \d+\.\d\d$", out, re.M), out
+    assert set(doc["ratio_by_schedule"]) == {"round_robin", "sequential", "fifo"}
+    variants = [r["variant"] for r in doc["rows"]]
+    assert variants == ["monolithic", "round_robin", "sequential", "fifo"]
+    for row in doc["rows"]:
+        assert row["clients"] == clients and row["samples_per_s"] > 0
+    assert doc["settings"]["clients"] == clients
+    assert not list(tmp_path.glob("*.h5"))  # the runs' files went to a temporary folder
+
+
+def test_allreduce(tmp_path):
+    out, doc = bench(3, "allreduce", tmp_path)
+    assert re.search(r"^ratio average_extractor/raw Allreduce .* at 2 clients: \d+\.\d\d$",
+                     out, re.M), out
+    models = {(r["arch"], r["cut"]) for r in doc["rows"]}
+    assert models == {("cnn5", "1"), ("resnet50", "layer2")}
+    for row in doc["rows"]:
+        assert row["floats"] > 0 and row["raw_ms"] > 0 and row["average_ms"] > 0
+
