@@ -99,7 +99,8 @@ def environment(world: MPI.Comm) -> dict:
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(), "cores": cores, "world_size": world.Get_size(),
             "mpi_library": library, "mpi4py": __import__("mpi4py").__version__,
-            "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version(),
             "splitmpi": __version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.is_available()}
 
@@ -376,7 +377,8 @@ def bench_train(world: MPI.Comm, args) -> dict:
                              "vs_monolithic": paired_ratio(measured[variant],
                                                            measured["monolithic"]),
                              "samples_per_s_all": measured[variant]})
-        ctx.clients_comm and ctx.clients_comm.Free()
+        if ctx.clients_comm is not None:
+            ctx.clients_comm.Free()
     if rank != 0:
         return {}
     os.rmdir(folder)
@@ -507,7 +509,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed repeats first (1)")
     p.add_argument("--arch", default=None,
                    help="train/allreduce: models (cnn5,resnet50; train --smoke: cnn5)")
-    p.add_argument("--cut", default=None, help="train: the cut (default cnn5 2, resnet50 layer2)")
+    p.add_argument("--cut", default=None,
+                   help="train: the cut, for every --arch given (default cnn5 2, resnet50 layer2)")
     p.add_argument("--schedules", default=",".join(ALL_SCHEDULES),
                    help="train: server schedules to compare (round_robin,sequential,fifo)")
     p.add_argument("--batches", type=int, default=0,
@@ -540,6 +543,13 @@ def main(argv: list[str] | None = None) -> int:
     args.repeats = args.repeats or DEFAULT_REPEATS[args.name]
     if args.arch is None:
         args.arch = "cnn5" if args.smoke and args.name == "train" else "cnn5,resnet50"
+    bad = ([f"--arch {a}" for a in args.arch.split(",") if a not in ("cnn5", "resnet50")]
+           + [f"--schedules {s}" for s in args.schedules.split(",") if s not in ALL_SCHEDULES])
+    if bad:
+        if rank == 0:
+            sys.stderr.write(f"splitmpi.bench: unknown {', '.join(bad)}; models: cnn5, "
+                             f"resnet50; schedules: {', '.join(ALL_SCHEDULES)}\n")
+        return 2
     from .errors import ConfigError
 
     try:

@@ -1,9 +1,15 @@
 """Extractor sharing: average all clients' extractors with one Allreduce of one flat buffer."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 from mpi4py import MPI
 from torch import nn
+
+# One flat float32 buffer per extractor, kept between epochs: a fresh one would fault in
+# and zero new pages every time (resnet50 layer3: 34 MB, 35 ms of the 57 ms on one core).
+_FLAT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def extractor_state(extractor: nn.Module) -> list[torch.Tensor]:
@@ -21,14 +27,15 @@ def average_extractor(extractor: nn.Module, clients: MPI.Comm) -> int:
     tensors = extractor_state(extractor)
     if not tensors:
         return 0
-    flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors])
+    sizes = [t.numel() for t in tensors]
+    flat = _FLAT.get(extractor)
+    if flat is None or flat.numel() != sum(sizes):
+        flat = _FLAT[extractor] = torch.empty(sum(sizes), dtype=torch.float32)
+    torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors], out=flat)
     buffer = flat.numpy()
     clients.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
     flat /= clients.Get_size()
-    offset = 0
     with torch.no_grad():
-        for t in tensors:
-            n = t.numel()
-            t.copy_(flat[offset:offset + n].view_as(t))
-            offset += n
+        for t, part in zip(tensors, flat.split(sizes)):
+            t.copy_(part.view_as(t))
     return buffer.nbytes
