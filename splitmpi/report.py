@@ -25,6 +25,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from . import config, privacy
 from .reader import NotAResult, Run, read
 
 PROG = "splitmpi.report"
@@ -170,7 +171,7 @@ def audit_table(runs: list[Run]) -> list[Table]:
 
 
 TABLES: list[Callable[[list[Run]], list[Table]]] = [runs_table, sharing_table, cut_tables,
-                                                    audit_table]
+                                                    audit_table, privacy.attack_tables]
 
 
 def tables(runs: list[Run]) -> list[Table]:
@@ -320,7 +321,8 @@ def plot_cuts(runs: list[Run], outdir: Path) -> list[Path]:
     return paths
 
 
-PLOTS: list[Callable[[list[Run], Path], list[Path]]] = [plot_accuracy, plot_cuts]
+PLOTS: list[Callable[[list[Run], Path], list[Path]]] = [plot_accuracy, plot_cuts,
+                                                        privacy.plot_attack]
 
 
 def plot(runs: list[Run], outdir: str | Path) -> list[Path]:
@@ -368,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     fmt.add_argument("--markdown", action="store_const", dest="fmt", const="markdown")
     parser.add_argument("--plot", metavar="DIR",
                         help="also write PNG figures into DIR (their paths go to stderr)")
+    parser.add_argument("--wire", action="store_true",
+                        help="with --plot: also draw what crosses the wire for one sample "
+                             "(cnn5 activation maps after a conv block vs after its max-pool)")
     args = parser.parse_args(argv)
 
     paths = expand(args.paths)
@@ -382,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sys.stdout.write(render(tables(runs), args.fmt or "text", notes(runs)))
     if args.plot:
-        for path in plot(runs, args.plot):
+        written = plot(runs, args.plot)
+        if args.wire:
+            written.append(privacy.wire_figure(config.from_json(runs[0].attrs["config"]),
+                                               Path(args.plot)))
+        for path in written:
             print(f"{PROG}: wrote {path}", file=sys.stderr)
     return 0
 

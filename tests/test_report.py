@@ -181,3 +181,11 @@ def test_render_formats_and_table_hook(monkeypatch):
                                  "  1    21.50", "  2    14.25"]
     assert report.render([privacy], "csv") == ("# Attack PSNR by cut\ncut,psnr_db\n"
                                                "1,21.50\n2,14.25\n")
+
+
+def test_wire_figure(results, tmp_path):
+    """What crosses the wire for one sample: conv block output vs after its max-pool."""
+    proc = cli(results / "s1.h5", "--plot", tmp_path / "figs", "--wire")
+    assert proc.returncode == 0, proc.stderr
+    wire = [p for p in (tmp_path / "figs").iterdir() if "wire" in p.name]
+    assert len(wire) == 1 and wire[0].read_bytes()[:4] == b"\x89PNG"
