@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 import traceback
 
 import yaml
@@ -17,11 +18,16 @@ from .runtime import STOPPED, make_context
 
 
 def abort_on_exception(kind, exc, tb) -> None:
-    """Print the failing rank's traceback, then take every rank down with MPI_Abort."""
+    """Print the failing rank's traceback, then take every rank down with MPI_Abort.
+
+    The message goes out in one write, and the launcher gets a moment to forward it:
+    MPI_Abort kills the job, and Hydra's proxy dropped lines still in its pipe."""
     rank = MPI.COMM_WORLD.Get_rank()
-    sys.stderr.write(f"splitmpi: rank {rank} failed, aborting the job:\n")
-    traceback.print_exception(kind, exc, tb, file=sys.stderr)
+    text = (f"splitmpi: rank {rank} failed, aborting the job:\n"
+            + "".join(traceback.format_exception(kind, exc, tb)))
+    sys.stderr.write(text)
     sys.stderr.flush()
+    time.sleep(0.5)
     MPI.COMM_WORLD.Abort(1)
 
 

@@ -108,6 +108,10 @@ def test_wire_dtype_halves_the_bytes(tmp_path):
     half = reader.read(tmp_path / "bfloat16.h5")
     ratio = half.comm["bytes_sent"].sum() / full.comm["bytes_sent"].sum()
     assert 0.49 < ratio < 0.51, ratio  # headers and labels are not halved
-    for k, acc in half.final().items():  # and training still learns
-        assert acc > 1.5 / len(half.classes[k]), (k, acc)
+    # training still learns, as well as on the float32 wire. (Test accuracy at an epoch's
+    # end swings with the cloud's last updates, made by client 1's larger shard alone.)
+    full_acc = full.final("train_accuracy")
+    for k, acc in half.final("train_accuracy").items():
+        assert acc > 1.5 / len(half.classes[k]) and abs(acc - full_acc[k]) < 0.05, (k, acc)
         assert half.clients[k]["train_loss"][-1] < 0.7 * half.clients[k]["train_loss"][0]
+        assert half.clients[k]["test_accuracy"].max() > 1.5 / len(half.classes[k])
