@@ -59,6 +59,21 @@ def cells(arch: str, cuts: list[str], strengths: dict[str, list[float]],
     return out
 
 
+def base_config(path: str | None, extra: list[str], cuts: list[str] | None):
+    """The sweep's config before the cells' overrides. Its own model.cut may not fit its
+    arch (e.g. the default cut 2 with model.arch=resnet50), so a cut the cells use, or
+    else any arch's deepest cut, is tried too; the first error is the one reported."""
+    tails = [[f"model.cut={cuts[0]}"]] if cuts else [[]] + [
+        [f"model.cut={arch_cuts[-1]}"] for arch_cuts in splitconfig.CUTS.values()]
+    first = None
+    for tail in tails:
+        try:
+            return splitconfig.load(path, [*extra, *tail])
+        except ConfigError as exc:
+            first = first or exc
+    raise first
+
+
 def done(path: Path, methods: tuple[str, ...]) -> bool:
     try:
         groups = reader.read(path).groups.get("attack", {})
@@ -97,7 +112,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse(sys.argv[1:] if argv is None else argv)
     try:
-        base = splitconfig.load(args.config, extra)
+        base = base_config(args.config, extra, args.cuts)
     except ConfigError as exc:
         print(f"privacy_sweep: error: {exc}", file=sys.stderr)
         return 2

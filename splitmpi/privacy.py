@@ -103,8 +103,9 @@ def summarise(values: dict[str, np.ndarray]) -> dict[str, float]:
     out = {}
     for name, v in values.items():
         v = np.asarray(v, dtype=np.float64)
-        out[f"{name}_mean"] = float(np.mean(v)) if len(v) else float("nan")
-        out[f"{name}_std"] = float(np.std(v)) if len(v) else float("nan")
+        with np.errstate(invalid="ignore"):  # PSNR inf (a perfect image): mean inf, std nan
+            out[f"{name}_mean"] = float(np.mean(v)) if len(v) else float("nan")
+            out[f"{name}_std"] = float(np.std(v)) if len(v) else float("nan")
     return out
 
 
@@ -168,7 +169,7 @@ def _fmt(v: float, digits: int = 2) -> float:
 def attack_tables(runs) -> list[tuple[str, list[dict]]]:
     """(title, rows) tables: leakage by cut and method (undefended runs), and the
     privacy/utility frontier (every defense and strength against the undefended run of
-    the same arch, cut and method)."""
+    the same arch, cut and method). Accuracies in percent, their changes in points."""
     records = attack_records(runs)
     if not records:
         return []
@@ -179,7 +180,7 @@ def attack_tables(runs) -> list[tuple[str, list[dict]]]:
                "psnr_db": _fmt(r["psnr_mean"]), "psnr_std": _fmt(r["psnr_std"]),
                "ssim": _fmt(r["ssim_mean"], 3), "ssim_std": _fmt(r["ssim_std"], 3),
                "score": _fmt(r["score_mean"], 3), "mse": _fmt(r["mse_mean"], 5),
-               "accuracy": _fmt(r["accuracy"], 4)}
+               "accuracy_pct": _fmt(100 * r["accuracy"])}
               for r in order if r["defense"] == "none"]
     base = {(r["arch"], r["cut"], r["method"]): r for r in order if r["defense"] == "none"}
     frontier = []
@@ -188,7 +189,7 @@ def attack_tables(runs) -> list[tuple[str, list[dict]]]:
         frontier.append({
             "arch": r["arch"], "cut": r["cut"], "method": r["method"],
             "defense": r["defense"], "strength": r["strength"],
-            "accuracy": _fmt(r["accuracy"], 4), "psnr_db": _fmt(r["psnr_mean"]),
+            "accuracy_pct": _fmt(100 * r["accuracy"]), "psnr_db": _fmt(r["psnr_mean"]),
             "ssim": _fmt(r["ssim_mean"], 3),
             "d_accuracy_points": _fmt(100 * (r["accuracy"] - b["accuracy"])) if b else
             float("nan"),

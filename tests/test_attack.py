@@ -226,3 +226,33 @@ def test_bad_checkpoint_and_foreign_output_exit_2(tmp_path, capsys):
         assert words in capsys.readouterr().err
     with h5py.File(foreign, "r") as f:
         assert list(f) == ["x"]
+
+
+def load_sweep():
+    import importlib.util
+    path = mpirun.ROOT / "jobs" / "privacy_sweep.py"
+    spec = importlib.util.spec_from_file_location("privacy_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_privacy_sweep_cells_and_skipping(tmp_path, capsys):
+    sweep = load_sweep()
+    names = [n for n, _ in sweep.cells("cnn5", ["1", "2"], {"noise": [0.5], "nopeek": [2.0]},
+                                       ["1"])]
+    assert names == ["cnn5-cut1-none", "cnn5-cut1-noise0.5", "cnn5-cut1-nopeek2",
+                     "cnn5-cut2-none"]
+    assert sweep.main(["--dry-run", "--out", str(tmp_path), "--noise", "--nopeek",
+                       "--dropout", "--", "model.arch=resnet50"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("splitmpi.attack") == 3 and "model.cut=layer3" in out
+    assert sweep.main(["--dry-run", "--", "model.arch=vgg"]) == 2
+    # a cell is done once its file holds every requested method
+    path = tmp_path / "cell.h5"
+    cfg = config.load(None, [f"attack.output={path}"])
+    ev = torch.zeros(2, 3, 16, 16)
+    t = attack.Target(nn.Sequential(), None, 0.5, "test")
+    attack.write(cfg, "decoder", t, ev, {"reconstruction": ev, "series": {}, "attrs": {}}, {})
+    assert sweep.done(path, ("decoder",)) and not sweep.done(path, ("decoder", "rmle"))
+    assert not sweep.done(tmp_path / "missing.h5", ("decoder",))
