@@ -33,6 +33,7 @@ import torch
 from mpi4py import MPI
 
 from . import __version__
+from .runtime import node_cores
 
 KiB, MiB = 1024, 1024 * 1024
 TRANSPORT_SIZES = [4 * KiB * 4 ** i for i in range(8)]  # 4 KiB .. 64 MiB
@@ -95,7 +96,7 @@ def format_table(columns: list[str], rows: list[list]) -> str:
 
 def environment(world: MPI.Comm) -> dict:
     library = MPI.Get_library_version().strip().splitlines()[0]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = node_cores()
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(), "cores": cores, "world_size": world.Get_size(),
             "mpi_library": library, "mpi4py": __import__("mpi4py").__version__,
@@ -137,7 +138,7 @@ def bench_transport(world: MPI.Comm, args) -> dict:
 
     raw      - ``comm.Send``/``comm.Recv`` of preallocated numpy buffers (the ceiling)
     splitmpi - ``Transport.send``/``Transport.recv`` of a float32 tensor (header + payload,
-               a fresh tensor per receive, as the training loops use it); with
+               a new tensor per receive, as the training loops use it); with
                ``--device cuda`` the tensor lives on the GPU (staged through pinned host
                memory unless ``--gpu-aware``), the raw and pickle paths stay on the host
     pickle   - ``comm.send``/``comm.recv`` of a numpy array, at a few sizes only
@@ -302,10 +303,7 @@ def _split_run(ctx, me, policy: str, path: Path) -> tuple[int, float]:
 
     world = ctx.world
     if ctx.is_server:
-        # the server's own choice of waiting (comm.wait, where the config has it) carries over
-        sleep = getattr(me.schedule, "sleep", None)
-        me.schedule = (schedule.make(policy, world) if sleep is None
-                       else schedule.make(policy, world, sleep))
+        me.schedule = schedule.make(policy, ctx.transport)
         ctx.cfg.output = str(path)
         writer = results.ResultsWriter(ctx.cfg, world.Get_size(), ctx.clients)
         world.Barrier()

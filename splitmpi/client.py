@@ -5,8 +5,9 @@ One epoch, as the server sees it (``server.py`` is the other half of each step):
                  send feature grad -> get activation grad, extractor backward, step.
                  An empty activation ends the phase.
   share        - extractors averaged over the client communicator (``split.share``).
-  eval phase   - per test batch: send activation -> get features/logits; then an empty
-                 activation and this epoch's report (metrics, counters) to rank 0.
+  eval phase   - per test batch: send activation -> get features/logits (the next batch's
+                 forward runs meanwhile); then an empty activation and this epoch's
+                 report (metrics, counters) to rank 0.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from . import checkpoint, data, models, sharing
 from .audit import ClientAudit
 from .defense import Defense
 from .runtime import SERVER, Context
-from .transport import Kind, wait
+from .transport import Kind
 
 
 @dataclass
@@ -166,7 +167,7 @@ def _finish_step(ctx: Context, me: Client, step: Step, sends: list):
             logits = me.classifier(h)
             loss = nn.functional.cross_entropy(logits.float(), y)
         loss.backward()
-        wait(sends)
+        t.wait(sends)
         sends = t.isend(h.grad, SERVER, Kind.FEATURE_GRAD)
         batch_loss = loss.item() * len(y)
         batch_correct = int((logits.argmax(1) == y).sum())
@@ -176,33 +177,46 @@ def _finish_step(ctx: Context, me: Client, step: Step, sends: list):
         torch.autograd.backward([sent] + extra, [grad] + [None] * len(extra))
     if me.optimizer is not None:
         me.optimizer.step()
-    wait(sends)
+    t.wait(sends)
     return batch_loss, batch_correct
 
 
 @torch.no_grad()
 def evaluate(ctx: Context, me: Client) -> dict:
-    t, dev = ctx.transport, ctx.device
+    """One pass over the test split. The next batch's extractor forward overlaps the
+    server's work on the current one: no weights change while evaluating, so the numbers
+    are exactly those of one batch at a time."""
     me.extractor.eval()
     me.defense.eval()
     if me.classifier is not None:
         me.classifier.eval()
-    loss_sum, correct, seen, a = 0.0, 0, 0, None
+    totals = {"loss": 0.0, "correct": 0, "seen": 0}
+    a, waiting = None, None
     for x, y in me.test_loader:
         if me.audit:
             me.audit.see(x, y)
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         with ctx.autocast():
             a = me.defense(me.extractor(x))
         _delay(ctx)
-        sends = t.isend(a, SERVER, Kind.EVAL_ACTIVATION)
-        h = t.recv(SERVER, Kind.FEATURES, dev)
-        with ctx.autocast():
-            logits = h if me.classifier is None else me.classifier(h)
-        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += int((logits.argmax(1) == y).sum())
-        seen += len(y)
-        wait(sends)
+        sends = ctx.transport.isend(a, SERVER, Kind.EVAL_ACTIVATION)
+        if waiting:
+            _score(ctx, me, *waiting, totals)
+        waiting = y, sends
+    if waiting:
+        _score(ctx, me, *waiting, totals)
     _end_phase(ctx, Kind.EVAL_ACTIVATION, a)
-    return {"test_loss": loss_sum / max(seen, 1), "test_accuracy": correct / max(seen, 1),
-            "test_samples": seen}
+    seen = totals["seen"]
+    return {"test_loss": totals["loss"] / max(seen, 1),
+            "test_accuracy": totals["correct"] / max(seen, 1), "test_samples": seen}
+
+
+def _score(ctx: Context, me: Client, y: torch.Tensor, sends: list, totals: dict) -> None:
+    """Features (or logits) of one test batch back from the server: loss and hits."""
+    h = ctx.transport.recv(SERVER, Kind.FEATURES, ctx.device)
+    with ctx.autocast():
+        logits = h if me.classifier is None else me.classifier(h)
+    totals["loss"] += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
+    totals["correct"] += int((logits.argmax(1) == y).sum())
+    totals["seen"] += len(y)
+    ctx.transport.wait(sends)

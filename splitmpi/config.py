@@ -69,6 +69,9 @@ class TrainConfig:
 class CommConfig:
     wire_dtype: str = "float32"  # float32 | bfloat16 | float16 (activations and gradients)
     gpu_aware: bool = False  # hand CUDA buffers straight to MPI (only for a CUDA-aware MPI)
+    # how a rank waits for messages: spin (MPI's busy-polling calls), sleep (poll and sleep),
+    # auto: sleep where the node has more ranks than cores, else spin
+    wait: str = "auto"
 
 
 @dataclass
@@ -138,6 +141,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("none", "bf16"),
     "comm.wire_dtype": ("float32", "bfloat16", "float16"),
+    "comm.wait": ("auto", "spin", "sleep"),
     "server.schedule": ("round_robin", "sequential", "fifo"),
     "attack.method": ("decoder", "rmle", "both"),
 }

@@ -74,12 +74,26 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def node_cores() -> int:
+    """Cores this process may run on (its affinity mask: what Slurm or taskset gave it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def pick_threads(requested: int, ranks_on_node: int) -> int:
     """Share the node's cores between its ranks: oversubscribed BLAS threads crawl."""
     if requested > 0:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // ranks_on_node)
+    return max(1, node_cores() // ranks_on_node)
+
+
+def pick_wait(choice: str, ranks_on_node: int) -> str:
+    """``comm.wait=auto``: a rank that spins while waiting takes a core from one that
+    computes whenever the node has more ranks than cores, so sleep there; else spin."""
+    if choice != "auto":
+        return choice
+    return "sleep" if ranks_on_node > node_cores() else "spin"
 
 
 def make_context(cfg: Config, world: MPI.Comm, clients: int) -> Context:
@@ -92,6 +106,7 @@ def make_context(cfg: Config, world: MPI.Comm, clients: int) -> Context:
     if clients_comm == MPI.COMM_NULL:
         clients_comm = None
     torch.set_num_threads(pick_threads(cfg.train.threads, ranks_on_node))
-    transport = Transport(world, cfg.comm.wire_dtype, cfg.comm.gpu_aware)
+    transport = Transport(world, cfg.comm.wire_dtype, cfg.comm.gpu_aware,
+                          pick_wait(cfg.comm.wait, ranks_on_node))
     device = pick_device(cfg.train.device, local_rank)
     return Context(cfg, world, clients_comm, clients, device, transport, StopFlag())

@@ -1,16 +1,16 @@
 """The order in which the server serves clients' requests (``server.schedule``)."""
 from __future__ import annotations
 
-from mpi4py import MPI
+from .transport import Kind, Transport
 
 
 class Schedule:
-    """Picks the next client to serve among ``active`` for requests on ``tag``."""
+    """Picks the next client to serve among ``active`` for requests of ``kind``."""
 
-    def __init__(self, world: MPI.Comm):
-        self.world = world
+    def __init__(self, transport: Transport):
+        self.transport = transport
 
-    def next(self, active: list[int], tag: int) -> int:
+    def next(self, active: list[int], kind: Kind) -> int:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
@@ -24,18 +24,18 @@ class Schedule:
 class Sequential(Schedule):
     """Vanilla split learning: the lowest-ranked client runs its whole phase first."""
 
-    def next(self, active: list[int], tag: int) -> int:
+    def next(self, active: list[int], kind: Kind) -> int:
         return active[0]
 
 
 class RoundRobin(Schedule):
     """One request per client in turn, waiting for each in rank order."""
 
-    def __init__(self, world: MPI.Comm):
-        super().__init__(world)
+    def __init__(self, transport: Transport):
+        super().__init__(transport)
         self.last = 0
 
-    def next(self, active: list[int], tag: int) -> int:
+    def next(self, active: list[int], kind: Kind) -> int:
         later = [k for k in active if k > self.last]
         self.last = later[0] if later else active[0]
         return self.last
@@ -50,14 +50,12 @@ class RoundRobin(Schedule):
 class Fifo(Schedule):
     """The spatio-temporal paper's queue: whoever's request arrived first is served first."""
 
-    def next(self, active: list[int], tag: int) -> int:
-        status = MPI.Status()
-        self.world.Probe(MPI.ANY_SOURCE, tag, status)
-        return status.Get_source()
+    def next(self, active: list[int], kind: Kind) -> int:
+        return self.transport.probe_any(kind)
 
 
 POLICIES = {"sequential": Sequential, "round_robin": RoundRobin, "fifo": Fifo}
 
 
-def make(name: str, world: MPI.Comm) -> Schedule:
-    return POLICIES[name](world)
+def make(name: str, transport: Transport) -> Schedule:
+    return POLICIES[name](transport)

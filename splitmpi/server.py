@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from torch import nn
 from . import checkpoint, models, results, schedule
 from .audit import ServerAudit
 from .runtime import Context
-from .transport import Kind, wait
+from .transport import Kind
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Server:
     schedule: schedule.Schedule
     send_grad: bool  # False when the clients' extractors have nothing to learn (cnn5 cut 0)
     audit: ServerAudit | None  # audit=true: digests of every message received
+    replies: dict = field(default_factory=dict)  # eval features in flight, per client
 
 
 def prepare(ctx: Context, resume_epochs: int | None) -> Server:
@@ -45,7 +46,7 @@ def prepare(ctx: Context, resume_epochs: int | None) -> Server:
     audit = ServerAudit() if cfg.audit else None
     if audit:
         ctx.transport.on_receive = audit.record
-    return Server(cloud, head, optimizer, schedule.make(cfg.server.schedule, ctx.world),
+    return Server(cloud, head, optimizer, schedule.make(cfg.server.schedule, ctx.transport),
                   models.has_parameters(parts.extractor), audit)
 
 
@@ -72,6 +73,9 @@ def run(ctx: Context, me: Server, writer: results.ResultsWriter, start: int = 0)
         start = time.perf_counter()
         served = serve_phase(ctx, me, Kind.ACTIVATION, train_step)
         serve_phase(ctx, me, Kind.EVAL_ACTIVATION, eval_step)
+        for sends in me.replies.values():
+            ctx.transport.wait(sends)
+        me.replies.clear()
         reports = {k: ctx.world.recv(source=k, tag=Kind.REPORT) for k in range(1, ctx.clients + 1)}
         if me.audit:
             audit_epoch(ctx, me.audit, reports)
@@ -157,15 +161,19 @@ def train_step(ctx: Context, me: Server, k: int, a: torch.Tensor) -> None:
     if me.send_grad:
         sends += t.isend(a.grad, k, Kind.ACTIVATION_GRAD)
     me.optimizer.step()
-    wait(sends)
+    t.wait(sends)
 
 
 @torch.no_grad()
 def eval_step(ctx: Context, me: Server, k: int, a: torch.Tensor) -> None:
+    """Forward only. The reply is not waited for here: the client takes it after sending its
+    next batch, and meanwhile the server serves others. The previous reply to this client
+    is waited for before this one (the client posts that receive right after this send)."""
     me.cloud.eval()
     with ctx.autocast():
         out = me.cloud(a)
         if me.head is not None:
             me.head.eval()
             out = me.head(out)
-    ctx.transport.send(out, k, Kind.FEATURES)
+    ctx.transport.wait(me.replies.pop(k, []))
+    me.replies[k] = ctx.transport.isend(out, k, Kind.FEATURES)

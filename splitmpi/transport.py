@@ -8,7 +8,9 @@ until its request completes.
 from __future__ import annotations
 
 import enum
-from collections import Counter
+import math
+import time
+from collections import Counter, defaultdict
 
 import numpy as np
 import torch
@@ -36,11 +38,68 @@ WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 MAX_DIMS = 8
 HEADER = np.dtype(np.int64)
 HEADER_LEN = 3 + MAX_DIMS  # kind, dtype code, ndim, shape
+# Received tensors of at least this size land in recycled memory (see Transport._landing).
+RECYCLE_BYTES = 1 << 20
+RECYCLE_PER_SIZE = 4
+_use_count = getattr(torch._C, "_storage_Use_Count", None)  # private; absent: no recycling
 
 
 def _bytes_view(t: torch.Tensor) -> np.ndarray:
     """A uint8 numpy view of a contiguous CPU tensor's memory (works for bf16 too)."""
     return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def _cpu_buffer(t: torch.Tensor):
+    """The memory of a contiguous CPU tensor as an MPI buffer, without numpy views (they
+    cost ~3 us per message, which a loaded machine stretches)."""
+    return MPI.buffer.fromaddress(t.data_ptr(), t.nbytes) if t.nbytes else _bytes_view(t)
+
+
+class Waiter:
+    """How a rank waits for MPI.
+
+    ``spin``: MPI's own blocking calls, which busy-poll: the lowest latency when every rank
+    has a core to itself. ``sleep``: test, and between tests sleep in doubling steps (50 us
+    to 0.5 ms), so a waiting rank leaves its core to the ranks that compute when ranks
+    outnumber cores (with 4 ranks on 2 cores, spinning halved the speed of the rank at
+    work; BENCHMARKS.md).
+    """
+
+    FIRST_SLEEP_S, LONGEST_SLEEP_S = 50e-6, 5e-4
+
+    def __init__(self, mode: str = "spin"):
+        if mode not in ("spin", "sleep"):
+            raise ValueError(f"wait mode {mode!r} is not spin or sleep")
+        self.sleep = mode == "sleep"
+
+    def until(self, done) -> None:
+        """Call ``done()`` until it is true, sleeping between calls."""
+        pause = self.FIRST_SLEEP_S
+        while not done():
+            time.sleep(pause)
+            pause = min(2 * pause, self.LONGEST_SLEEP_S)
+
+    def recv(self, comm: MPI.Comm, buf, source: int, tag: int) -> None:
+        if self.sleep:
+            request = comm.Irecv(buf, source, tag)
+            self.until(request.Test)
+        else:
+            comm.Recv(buf, source, tag)
+
+    def waitall(self, requests: list) -> None:
+        if self.sleep:
+            self.until(lambda: MPI.Request.Testall(requests))
+        else:
+            MPI.Request.Waitall(requests)
+
+    def probe_any(self, comm: MPI.Comm, tag: int) -> int:
+        """The source of the first message waiting on ``tag`` (from any rank)."""
+        status = MPI.Status()
+        if self.sleep:
+            self.until(lambda: comm.Iprobe(MPI.ANY_SOURCE, tag, status))
+        else:
+            comm.Probe(MPI.ANY_SOURCE, tag, status)
+        return status.Get_source()
 
 
 class Transport:
@@ -49,21 +108,25 @@ class Transport:
     ``wire_dtype`` applies to floating-point tensors of the activation and gradient kinds:
     they are cast before sending and cast back to float32 on receipt, halving the bytes
     for bf16/fp16. CUDA tensors are staged through reusable pinned host buffers unless
-    ``gpu_aware`` hands device memory to MPI directly.
+    ``gpu_aware`` hands device memory to MPI directly. ``wait`` is the ``Waiter`` mode.
     """
 
     WIRE_KINDS = (Kind.ACTIVATION, Kind.EVAL_ACTIVATION, Kind.FEATURES, Kind.FEATURE_GRAD,
                   Kind.ACTIVATION_GRAD)
 
-    def __init__(self, comm: MPI.Comm, wire_dtype: str = "float32", gpu_aware: bool = False):
+    def __init__(self, comm: MPI.Comm, wire_dtype: str = "float32", gpu_aware: bool = False,
+                 wait: str = "spin"):
         self.comm = comm
         self.wire = WIRE_DTYPES[wire_dtype]
         self.gpu_aware = gpu_aware
+        self.waiter = Waiter(wait)
         self.bytes_sent = Counter()
         self.bytes_received = Counter()
         self.messages_sent = Counter()
         self.messages_received = Counter()
         self._pinned: dict[tuple, torch.Tensor] = {}
+        self._recycled: dict[int, list[torch.UntypedStorage]] = defaultdict(list)
+        self._header_in = np.empty(HEADER_LEN, dtype=HEADER)
         self.on_receive = None  # audit hook: f(source, kind, payload bytes)
 
     # -- buffers -----------------------------------------------------------------------
@@ -81,11 +144,27 @@ class Transport:
             self._pinned[key] = buf
         return buf
 
+    def _landing(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """A CPU tensor to receive into. Memory of >= 1 MiB is recycled once no tensor,
+        view or autograd graph refers to it any more: fresh memory of that size faults in
+        new pages on every message (glibc maps blocks over 32 MiB afresh), which cost 3x
+        the copy itself at 64 MiB."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < RECYCLE_BYTES or _use_count is None:
+            return torch.empty(shape, dtype=dtype)
+        kept = self._recycled[nbytes]
+        storage = next((st for st in kept if _use_count(st._cdata) == 1), None)
+        if storage is None:
+            storage = torch.UntypedStorage(nbytes)
+            if len(kept) < RECYCLE_PER_SIZE:
+                kept.append(storage)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
     def _buffer(self, t: torch.Tensor):
         if t.device.type == "cuda":
             torch.cuda.current_stream(t.device).synchronize()  # MPI must see finished data
             return [t.reshape(-1).view(torch.uint8), MPI.BYTE]
-        return _bytes_view(t)
+        return _cpu_buffer(t)
 
     @staticmethod
     def _header(kind: Kind, t: torch.Tensor) -> np.ndarray:
@@ -112,42 +191,51 @@ class Transport:
         payload = self._buffer(t)
         reqs = [self.comm.Isend(header, dest, int(kind)),
                 self.comm.Isend(payload, dest, int(kind))]
-        self.bytes_sent[kind] += header.nbytes + t.numel() * t.element_size()
+        self.bytes_sent[kind] += header.nbytes + t.nbytes
         self.messages_sent[kind] += 2
         return [_Owned(r, (header, t, payload)) for r in reqs]
 
     def send(self, t: torch.Tensor, dest: int, kind: Kind) -> None:
-        wait(self.isend(t, dest, kind))
+        self.wait(self.isend(t, dest, kind))
+
+    def wait(self, owned: list) -> None:
+        """Complete requests from ``isend`` (and let go of their buffers)."""
+        self.waiter.waitall([o.request for o in owned])
+        owned.clear()
+
+    def probe_any(self, kind: Kind) -> int:
+        """The rank whose message of ``kind`` arrived first."""
+        return self.waiter.probe_any(self.comm, int(kind))
 
     # -- receiving ---------------------------------------------------------------------
     def recv(self, source: int, kind: Kind, device: torch.device | str = "cpu",
              dtype: torch.dtype | None = None) -> torch.Tensor:
         """Receive one tensor of ``kind``; wire-cast kinds come back as ``dtype`` (float32)."""
-        header = np.empty(HEADER_LEN, dtype=HEADER)
-        self.comm.Recv(header, source, int(kind))
-        got, code, ndim = int(header[0]), int(header[1]), int(header[2])
+        header = self._header_in
+        self.waiter.recv(self.comm, header, source, int(kind))
+        got, code, ndim, *dims = header.tolist()
         if got != int(kind):
             raise RuntimeError(f"protocol error: expected {kind.name} from rank {source}, "
                                f"got kind {got}")
-        shape = tuple(int(s) for s in header[3:3 + ndim])
+        shape = tuple(dims[:ndim])
         wire_dtype = DTYPES[code]
         device = torch.device(device)
         if device.type == "cuda" and self.gpu_aware:
             out = torch.empty(shape, dtype=wire_dtype, device=device)
-            self.comm.Recv(self._buffer(out), source, int(kind))
+            self.waiter.recv(self.comm, self._buffer(out), source, int(kind))
             if self.on_receive is not None:
                 self.on_receive(source, kind, _bytes_view(out.cpu()))
         else:
-            host = (torch.empty(shape, dtype=wire_dtype) if device.type == "cpu"
+            host = (self._landing(shape, wire_dtype) if device.type == "cpu"
                     else self._staging(("recv", source, int(kind)), shape, wire_dtype))
-            self.comm.Recv(_bytes_view(host), source, int(kind))
+            self.waiter.recv(self.comm, _cpu_buffer(host), source, int(kind))
             if self.on_receive is not None:
                 self.on_receive(source, kind, _bytes_view(host))
             out = host if device.type == "cpu" else host.to(device)
-        self.bytes_received[kind] += header.nbytes + out.numel() * out.element_size()
+        self.bytes_received[kind] += header.nbytes + out.nbytes
         self.messages_received[kind] += 2
         if kind in self.WIRE_KINDS and out.is_floating_point():
-            out = out.to(dtype or torch.float32)
+            out = out.to(dtype or torch.float32)  # a no-op when it came as float32
         return out
 
     # -- accounting --------------------------------------------------------------------
@@ -167,8 +255,3 @@ class _Owned:
     def __init__(self, request: MPI.Request, buffers: tuple):
         self.request = request
         self.buffers = buffers
-
-
-def wait(owned: list) -> None:
-    MPI.Request.Waitall([o.request for o in owned])
-    owned.clear()

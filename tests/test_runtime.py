@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import mpirun
-from splitmpi import reader
+from splitmpi import reader, runtime
 from splitmpi.errors import ConfigError
-from splitmpi.runtime import pick_device, pick_threads
+from splitmpi.runtime import pick_device, pick_threads, pick_wait
 
 
 def test_auto_picks_the_local_gpu_or_the_cpu(monkeypatch):
@@ -23,6 +23,13 @@ def test_auto_picks_the_local_gpu_or_the_cpu(monkeypatch):
 def test_threads_share_the_node():
     assert pick_threads(3, 4) == 3
     assert pick_threads(0, 10 ** 6) == 1
+
+
+def test_ranks_sleep_while_waiting_only_where_they_outnumber_the_cores(monkeypatch):
+    monkeypatch.setattr(runtime, "node_cores", lambda: 2)
+    assert pick_wait("auto", 4) == "sleep"
+    assert pick_wait("auto", 2) == "spin"
+    assert pick_wait("spin", 4) == "spin" and pick_wait("sleep", 1) == "sleep"
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path):
