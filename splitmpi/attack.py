@@ -565,9 +565,9 @@ def _feature_rms(target: Target, x: torch.Tensor) -> float:
 # --- command line -------------------------------------------------------------------------
 
 def run(cfg: Config) -> Path:
-    from .runtime import pick_device, pick_threads
+    from .runtime import node_cores, pick_device, pick_threads
 
-    torch.set_num_threads(pick_threads(cfg.train.threads, 1))
+    torch.set_num_threads(pick_threads(cfg.train.threads, 1, node_cores()))
     device = pick_device(cfg.train.device, 0)
     data.check_available(cfg.data)
     started = _now()

@@ -74,39 +74,45 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def node_cores() -> int:
-    """Cores this process may run on (its affinity mask: what Slurm or taskset gave it)."""
+def node_cores(local: MPI.Comm | None = None) -> int:
+    """Distinct cores this node's ranks may run on: the union of their affinity masks
+    (under Slurm's binding each rank sees only its own cores). Collective over ``local``."""
     if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+        mine = set(os.sched_getaffinity(0))
+    else:
+        mine = set(range(os.cpu_count() or 1))
+    if local is not None:
+        mine = set().union(*local.allgather(mine))
+    return len(mine)
 
 
-def pick_threads(requested: int, ranks_on_node: int) -> int:
+def pick_threads(requested: int, ranks_on_node: int, cores: int) -> int:
     """Share the node's cores between its ranks: oversubscribed BLAS threads crawl."""
     if requested > 0:
         return requested
-    return max(1, node_cores() // ranks_on_node)
+    return max(1, cores // ranks_on_node)
 
 
-def pick_wait(choice: str, ranks_on_node: int) -> str:
+def pick_wait(choice: str, ranks_on_node: int, cores: int) -> str:
     """``comm.wait=auto``: a rank that spins while waiting takes a core from one that
     computes whenever the node has more ranks than cores, so sleep there; else spin."""
     if choice != "auto":
         return choice
-    return "sleep" if ranks_on_node > node_cores() else "spin"
+    return "sleep" if ranks_on_node > cores else "spin"
 
 
 def make_context(cfg: Config, world: MPI.Comm, clients: int) -> Context:
     """Collective: every rank calls it; the collectives come before anything can raise."""
     local = local_comm(world)
     local_rank, ranks_on_node = local.Get_rank(), local.Get_size()
+    cores = node_cores(local)
     local.Free()
     rank = world.Get_rank()
     clients_comm = world.Split(MPI.UNDEFINED if rank == SERVER else 1, rank)
     if clients_comm == MPI.COMM_NULL:
         clients_comm = None
-    torch.set_num_threads(pick_threads(cfg.train.threads, ranks_on_node))
+    torch.set_num_threads(pick_threads(cfg.train.threads, ranks_on_node, cores))
     transport = Transport(world, cfg.comm.wire_dtype, cfg.comm.gpu_aware,
-                          pick_wait(cfg.comm.wait, ranks_on_node))
+                          pick_wait(cfg.comm.wait, ranks_on_node, cores))
     device = pick_device(cfg.train.device, local_rank)
     return Context(cfg, world, clients_comm, clients, device, transport, StopFlag())

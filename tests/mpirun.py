@@ -29,9 +29,10 @@ def env() -> dict:
 
 
 def run(n: int, *args: str, module: str = "splitmpi", cwd: Path | None = None,
-        timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run the job; a job still running at ``timeout`` is killed and the test fails."""
-    cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", module, *args]
+        timeout: float = 240, launch: tuple = ()) -> subprocess.CompletedProcess:
+    """Run the job (``launch``: extra mpiexec options); a job still running at
+    ``timeout`` is killed and the test fails."""
+    cmd = [mpiexec(), *launch, "-n", str(n), sys.executable, "-m", module, *args]
     try:
         return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True,
                               timeout=timeout)

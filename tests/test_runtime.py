@@ -1,9 +1,11 @@
 """Where a rank runs: device choice, threads per rank, mixed precision on the CPU path."""
+import os
+
 import pytest
 import torch
 
 import mpirun
-from splitmpi import reader, runtime
+from splitmpi import reader
 from splitmpi.errors import ConfigError
 from splitmpi.runtime import pick_device, pick_threads, pick_wait
 
@@ -21,15 +23,23 @@ def test_auto_picks_the_local_gpu_or_the_cpu(monkeypatch):
 
 
 def test_threads_share_the_node():
-    assert pick_threads(3, 4) == 3
-    assert pick_threads(0, 10 ** 6) == 1
+    assert pick_threads(3, 4, 2) == 3
+    assert pick_threads(0, 10 ** 6, 2) == 1
+    assert pick_threads(0, 4, 8) == 2  # e.g. Slurm binding 2 cores to each of 4 tasks
 
 
-def test_ranks_sleep_while_waiting_only_where_they_outnumber_the_cores(monkeypatch):
-    monkeypatch.setattr(runtime, "node_cores", lambda: 2)
-    assert pick_wait("auto", 4) == "sleep"
-    assert pick_wait("auto", 2) == "spin"
-    assert pick_wait("spin", 4) == "spin" and pick_wait("sleep", 1) == "sleep"
+def test_node_cores_is_the_union_of_the_ranks_cores():
+    """Bound to a core each (as Slurm's binding does), every rank still sees the node's 2."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 cores")
+    proc = mpirun.ok(2, module="check_cores", launch=("-bind-to", "core"), timeout=60)
+    assert proc.stdout.count("own 1 node 2") == 2, proc.stdout
+
+
+def test_ranks_sleep_while_waiting_only_where_they_outnumber_the_cores():
+    assert pick_wait("auto", 4, 2) == "sleep"
+    assert pick_wait("auto", 2, 2) == "spin" and pick_wait("auto", 4, 8) == "spin"
+    assert pick_wait("spin", 4, 2) == "spin" and pick_wait("sleep", 1, 8) == "sleep"
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path):
