@@ -48,6 +48,14 @@ def test_existing_output_is_not_clobbered(tmp_path):
     assert out.read_bytes() == b"precious"
 
 
+def test_an_output_folder_that_cannot_be_made_is_refused(tmp_path):
+    (tmp_path / "taken").write_text("a file where the output folder should go")
+    proc = mpirun.run(2, "output=taken/run/out.h5", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("splitmpi: error") == 1, proc.stderr
+    assert "cannot create output folder taken/run" in proc.stderr
+    assert "writable path" in proc.stderr
+
+
 def test_help_lists_the_keys(tmp_path):
     proc = mpirun.run(2, "--help", cwd=tmp_path, timeout=60)
     assert proc.returncode == 0
