@@ -12,13 +12,15 @@ SCHEDULES = ("round_robin", "sequential", "fifo")
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_each_schedule_learns(tmp_path, schedule):
-    mpirun.ok(4, "train.epochs=3", "split.share=false", f"server.schedule={schedule}",
-              "output=s.h5", cwd=tmp_path, timeout=300)
+    """iid shards: with class blocks a client's end-of-epoch test accuracy swings with
+    which clients updated the shared cloud last, and fifo makes that order random."""
+    mpirun.ok(4, "train.epochs=3", "split.share=false", "data.partition=iid",
+              f"server.schedule={schedule}", "output=s.h5", cwd=tmp_path, timeout=300)
     run = reader.read(tmp_path / "s.h5")
     for k, series in run.clients.items():
         chance = 1 / len(run.classes[k])
         assert series["train_accuracy"][-1] > 2 * chance, (schedule, k)
-        assert series["test_accuracy"].max() > 1.5 * chance, (schedule, k)
+        assert series["test_accuracy"].max() > 3 * chance, (schedule, k)
         assert series["train_loss"][-1] < 0.7 * series["train_loss"][0], (schedule, k)
 
 
