@@ -1,4 +1,4 @@
-"""The run's HDF5 file, written by rank 0 alone (DESIGN.md 3 is the contract).
+"""The run's HDF5 file, written by rank 0 alone (contract: docs/architecture.md#results-file).
 
 Layout (every series has one row per finished epoch):
   /                     attrs: config (JSON), splitmpi_version, mpi_library, world_size,
@@ -53,7 +53,7 @@ def check_output(cfg: Config, world_size: int, resume_epochs: int | None = None)
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create output folder {folder}: {exc.strerror}",
-                          "set output= to a writable path")
+                          "set output= to a writable path") from None
     if not os.access(folder, os.W_OK):
         raise ConfigError(f"output folder {folder} is not writable",
                           "set output= to a writable path")

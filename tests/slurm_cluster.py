@@ -1,4 +1,4 @@
-"""A real one-node Slurm for tests (DESIGN.md 6): Debian's slurm-wlm and munge, run as root.
+"""A real one-node Slurm for tests (docs/cluster.md): Debian's slurm-wlm and munge, run as root.
 
     cluster = SlurmCluster()  # all under /tmp/splitmpi-slurm (or $SPLITMPI_SLURM_DIR)
     cluster.start()           # installs with apt-get if needed; stops leftovers first
@@ -168,7 +168,7 @@ class SlurmCluster:
         return "\n".join(out)
 
     # --- start ---------------------------------------------------------------------------
-    def start(self, timeout: float = 60) -> "SlurmCluster":
+    def start(self, timeout: float = 60) -> SlurmCluster:
         install()
         self._take_lock()
         try:
@@ -321,7 +321,7 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             if "State=IDLE" in state and "DRAIN" not in state:
                 return
             if "State=" in state and "IDLE" not in state and "ALLOC" not in state:
-                # DESIGN.md 6: a node that came up DOWN/INVAL is put back into service
+                # a node that came up DOWN/INVAL is put back into service (docs/cluster.md)
                 _run(["scontrol", "update", f"nodename={self.node}", "state=resume"],
                      check=False, env=env)
             time.sleep(1)

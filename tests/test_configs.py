@@ -4,13 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from splitmpi import config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ALL = sorted(CONFIGS.glob("*.yaml"))
 
-# DESIGN.md 1, table 1 of "multiple classification with split learning"
+# table 1 of "multiple classification with split learning" (docs/architecture.md#the-source-papers)
 TABLE1 = {"mnist": (20, 200, 0.001), "cifar10": (200, 200, 0.1), "imagenet": (200, 64, 0.01)}
 
 
@@ -21,13 +22,29 @@ def test_there_are_configs():
     assert "tableI_cifar10_cnn5.yaml" in names
 
 
+def leaves(tree: dict, prefix: str = ""):
+    """(dotted key, value) of every value a YAML mapping sets."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 @pytest.mark.parametrize("path", ALL, ids=[p.name for p in ALL])
 def test_config_loads(path):
     cfg = config.load(str(path))
-    assert cfg.output.endswith(".h5")
-    # every key in the file is a real key (load would have raised), and the file is not
-    # silently the defaults: it names its data set
-    assert "name:" in path.read_text()
+    written = yaml.safe_load(path.read_text())
+    # every key in the file is a real key (load would have raised), and every value the
+    # file sets is the value that loads: the file is not silently the defaults
+    for key, value in leaves(written):
+        loaded = cfg
+        for part in key.split("."):
+            loaded = getattr(loaded, part)
+        assert loaded == value, key
+    # and it names its data set and its results file
+    assert cfg.data.name == written["data"]["name"]
+    assert cfg.output == written["output"] and cfg.output.endswith(".h5")
 
 
 @pytest.mark.parametrize("data", sorted(TABLE1))

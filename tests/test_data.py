@@ -3,8 +3,8 @@ the synthetic set, and reproducible batch order."""
 import numpy as np
 import pytest
 import torch
-from datasets import write_cifar10, write_imagefolder, write_mnist
 
+from datasets import write_cifar10, write_imagefolder, write_mnist
 from splitmpi import data
 from splitmpi.config import Config, DataConfig
 from splitmpi.errors import ConfigError
@@ -125,7 +125,16 @@ def test_imagenet_spec_needs_the_folder(tmp_path):
 
 
 def test_synthetic_needs_no_files(tmp_path):
-    data.check_available(make_cfg("synthetic", tmp_path / "nothing").data)
+    root = tmp_path / "nothing"
+    cfg = make_cfg("synthetic", root, train_size=60, test_size=20)
+    data.check_available(cfg.data)
+    train, test, classes = data.client_loaders(cfg, 1, 1)
+    x, y = everything(train)
+    assert x.shape == (60, 3, 32, 32) and classes == list(range(10))
+    assert sorted(set(y.tolist())) == classes and len(everything(test)[1]) == 20
+    assert not root.exists()  # nothing read there, nothing written
+    with pytest.raises(ConfigError, match="not found"):  # the same root fails a real data set
+        data.check_available(make_cfg("mnist", root).data)
 
 
 # --- partitions ----------------------------------------------------------------------------
