@@ -54,7 +54,7 @@ class Context:
                               enabled=self.cfg.train.amp == "bf16")
 
     def log(self, message: str) -> None:
-        """Rank 0 alone logs (DESIGN.md 4: writers and loggers exist on rank 0 only)."""
+        """Rank 0 alone logs (and writes results): docs/architecture.md#rules-the-code-follows."""
         if self.is_server:
             print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 

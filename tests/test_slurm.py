@@ -1,4 +1,4 @@
-"""The slurm/ job scripts under a real one-node Slurm (tests/slurm_cluster.py, DESIGN.md 6).
+"""The slurm/ job scripts under a real one-node Slurm (tests/slurm_cluster.py, docs/cluster.md).
 
 Needs root and apt-get (or Slurm and munge already installed); skipped otherwise. The node
 declares 8 CPUs and 4 fake GPUs, so jobs pass ``--cpus-per-task`` on the sbatch command line
