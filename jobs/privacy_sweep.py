@@ -16,7 +16,7 @@ Each cell trains its own model (the defense changes training) in one process, so
 utility (client 1's test accuracy) in each file belongs to that cell's defense. A cell
 whose file already holds every requested method is skipped, so a killed sweep re-runs
 only what is left (a method's group is written whole when it finishes). The cells run one
-after the other; at the end the tables of ``splitmpi.privacy.attack_tables`` are printed
+after the other; at the end the tables of ``splitmpi.report.attacks.attack_tables`` are printed
 for the whole folder (``python -m splitmpi.report`` shows them too).
 
 Exit status: 0 all cells done or skipped, 1 a cell failed, 2 bad arguments/configuration
@@ -37,8 +37,9 @@ if str(ROOT) not in sys.path:  # run as a script: import the splitmpi beside thi
     sys.path.insert(0, str(ROOT))
 
 from splitmpi import config as splitconfig  # noqa: E402
-from splitmpi import privacy, reader  # noqa: E402
+from splitmpi import reader  # noqa: E402
 from splitmpi.errors import ConfigError  # noqa: E402
+from splitmpi.report.attacks import attack_tables  # noqa: E402
 
 DEFENSE_KEYS = {"noise": "defense.noise_sigma", "nopeek": "defense.nopeek_alpha",
                 "dropout": "defense.dropout"}
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(reader.read(path))
         except reader.NotAResult:
             pass
-    for title, rows in privacy.attack_tables(runs):
+    for title, rows in attack_tables(runs):
         print(f"\n{title}")
         if rows:
             keys = list(rows[0])

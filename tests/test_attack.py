@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 import mpirun
-from splitmpi import attack, config, data, models, reader, results
+from splitmpi import config, data, models, reader, results
+from splitmpi.attack.cli import main
+from splitmpi.attack.decoder import build_decoder, decoder_attack, stage_shapes
+from splitmpi.attack.images import attack_images
+from splitmpi.attack.output import write
+from splitmpi.attack.rmle import rmle
+from splitmpi.attack.target import Target, freeze, observe
 from splitmpi.config import DefenseConfig
 from splitmpi.defense import Defense, distance_correlation
 from splitmpi.results import ResultsWriter
@@ -32,8 +38,8 @@ def target(cfg, defense=None):
     sp = data.spec(cfg.data)
     parts = models.build(cfg.model, sp.channels, sp.image_size, sp.num_classes, 0)
     d = Defense(defense or cfg.defense)
-    attack._freeze([parts.extractor, d])
-    return attack.Target(parts.extractor, d, float("nan"), "initial weights")
+    freeze([parts.extractor, d])
+    return Target(parts.extractor, d, float("nan"), "initial weights")
 
 
 def test_decoder_mirrors_the_extractor():
@@ -42,8 +48,8 @@ def test_decoder_mirrors_the_extractor():
         cfg = config.load(None, [f"model.arch={arch}", f"model.cut={cut}",
                                  f"data.image_size={size}", "data.channels=1"])
         t = target(cfg)
-        shapes = attack.stage_shapes(t.extractor, (1, size, size))
-        dec = attack.build_decoder(shapes)
+        shapes = stage_shapes(t.extractor, (1, size, size))
+        dec = build_decoder(shapes)
         feats = t.extractor(torch.zeros(2, 1, size, size))
         out = dec(feats)
         assert out.shape == (2, 1, size, size), (arch, cut)
@@ -55,9 +61,9 @@ def test_decoder_mirrors_the_extractor():
 def test_decoder_attack_learns():
     cfg = config.load(None, [*TINY, "model.cut=1", "attack.epochs=4"])
     t = target(cfg)
-    aux, evaluated, _, _ = attack.attack_images(cfg)
+    aux, evaluated, _, _ = attack_images(cfg)
     assert aux.shape == (96, 3, 16, 16) and evaluated.shape == (8, 3, 16, 16)
-    result = attack.decoder_attack(cfg, t, aux, evaluated, torch.device("cpu"))
+    result = decoder_attack(cfg, t, aux, evaluated, torch.device("cpu"))
     loss, err = result["series"]["train_loss"], result["series"]["eval_mse"]
     assert loss[-1] < 0.7 * loss[0] and err[-1] < err[0]
     assert result["reconstruction"].shape == evaluated.shape
@@ -68,7 +74,7 @@ def test_aux_images_exclude_client_1_with_others():
     cfg = config.load(None, [*TINY, "attack.aux=others"])
     train, _, classes = data.client_datasets(cfg, 1, 3)
     mine = {tuple(train[i][0].flatten()[:8].tolist()) for i in range(len(train))}
-    aux, _, where, _ = attack.attack_images(cfg)
+    aux, _, where, _ = attack_images(cfg)
     assert "clients 2..N" in where
     assert not any(tuple(x.flatten()[:8].tolist()) in mine for x in aux)
 
@@ -76,10 +82,10 @@ def test_aux_images_exclude_client_1_with_others():
 def test_rmle_reduces_feature_mismatch():
     cfg = config.load(None, [*TINY, "model.cut=2"])
     t = target(cfg)
-    _, evaluated, _, _ = attack.attack_images(cfg)
-    observed = attack.observe(t, evaluated)
-    x, history = attack.rmle(t.extractor, observed, tuple(evaluated.shape), steps=40, tv=0.01,
-                             lr=0.05)
+    _, evaluated, _, _ = attack_images(cfg)
+    observed = observe(t, evaluated)
+    x, history = rmle(t.extractor, observed, tuple(evaluated.shape), steps=40, tv=0.01,
+                      lr=0.05)
     assert history[-1] < 0.5 * history[0]
     assert x.min() >= -1 and x.max() <= 1
     assert float(nn.functional.mse_loss(t.extractor(x), observed)) == pytest.approx(
@@ -95,10 +101,10 @@ def test_noise_defense_changes_what_is_sent():
     assert not torch.equal(d(a), sent)
     cfg = config.load(None, [*TINY, "model.cut=1"])
     t = target(cfg, DefenseConfig(noise_sigma=0.5))
-    x = attack.attack_images(cfg)[1]
-    assert not torch.equal(attack.observe(t, x), attack.observe(t, x))
+    x = attack_images(cfg)[1]
+    assert not torch.equal(observe(t, x), observe(t, x))
     plain = target(cfg)
-    assert (attack.observe(t, x) - attack.observe(plain, x)).std().item() == pytest.approx(
+    assert (observe(t, x) - observe(plain, x)).std().item() == pytest.approx(
         0.5, rel=0.05)
 
 
@@ -154,7 +160,7 @@ def test_cli_writes_a_results_file_that_reader_reads(tmp_path):
     assert run.config["attack"]["method"] == "both"
     g = run.groups["attack"]
     assert set(g) == {"decoder", "rmle"}
-    for method, group in g.items():
+    for group in g.values():
         for name in ("psnr", "ssim", "mse", "score"):
             assert group[name].shape == (8,) and np.isfinite(group[name]).all()
             assert group[f"@{name}_mean"] == pytest.approx(group[name].mean())
@@ -169,9 +175,8 @@ def test_cli_writes_a_results_file_that_reader_reads(tmp_path):
 
     # the saved model is a valid attack.checkpoint; a new method replaces only its own group
     before = g["decoder"]["psnr"]
-    assert attack.main([*TINY, "model.cut=1", "attack.method=rmle", f"attack.output={out}",
-                        f"attack.checkpoint={tmp_path / 'model.pt'}",
-                        "attack.rmle_steps=3"]) == 0
+    assert main([*TINY, "model.cut=1", "attack.method=rmle", f"attack.output={out}",
+                 f"attack.checkpoint={tmp_path / 'model.pt'}", "attack.rmle_steps=3"]) == 0
     g2 = groups(out)
     assert np.array_equal(g2["decoder"]["psnr"], before)
     assert g2["rmle"]["@steps"] == 3
@@ -190,8 +195,8 @@ def test_attack_is_added_to_an_existing_run_file(tmp_path):
     # the layout of a splitmpi client checkpoint (OUTPUT.ckpt/epoch-N/rank-1.pt)
     torch.save({"format": 1, "epoch": 1, "state": {"extractor": extractor.state_dict()}},
                tmp_path / "ext.pt")
-    assert attack.main([*TINY, "model.cut=1", f"output={out}", "attack.method=rmle",
-                        f"attack.checkpoint={tmp_path / 'ext.pt'}"]) == 0
+    assert main([*TINY, "model.cut=1", f"output={out}", "attack.method=rmle",
+                 f"attack.checkpoint={tmp_path / 'ext.pt'}"]) == 0
     run = reader.read(out)
     assert run.attrs["world_size"] == 4 and run.epochs == 1 and len(run.clients) == 3
     assert np.isnan(run.groups["attack"]["rmle"]["@utility_accuracy"])  # extractor only
@@ -204,7 +209,7 @@ def test_attack_is_added_to_an_existing_run_file(tmp_path):
     (["attack.eval_samples=0"], "attack.eval_samples"),
 ])
 def test_bad_settings_exit_2(tmp_path, capsys, overrides, words):
-    assert attack.main([*TINY, f"attack.output={tmp_path / 'x.h5'}", *overrides]) == 2
+    assert main([*TINY, f"attack.output={tmp_path / 'x.h5'}", *overrides]) == 2
     err = capsys.readouterr().err
     assert err.startswith("splitmpi.attack: error:") and words in err
     assert not (tmp_path / "x.h5").exists()
@@ -222,7 +227,7 @@ def test_bad_checkpoint_and_foreign_output_exit_2(tmp_path, capsys):
             ([f"attack.checkpoint={tmp_path / 'empty.pt'}"], "no extractor"),
             ([f"attack.output={foreign}"], "not a splitmpi results file")):
         out = [] if any("output" in a for a in args) else [f"attack.output={tmp_path / 'o.h5'}"]
-        assert attack.main([*TINY, *args, *out]) == 2, args
+        assert main([*TINY, *args, *out]) == 2, args
         assert words in capsys.readouterr().err
     with h5py.File(foreign, "r") as f:
         assert list(f) == ["x"]
@@ -252,7 +257,7 @@ def test_privacy_sweep_cells_and_skipping(tmp_path, capsys):
     path = tmp_path / "cell.h5"
     cfg = config.load(None, [f"attack.output={path}"])
     ev = torch.zeros(2, 3, 16, 16)
-    t = attack.Target(nn.Sequential(), None, 0.5, "test")
-    attack.write(cfg, "decoder", t, ev, {"reconstruction": ev, "series": {}, "attrs": {}}, {})
+    t = Target(nn.Sequential(), None, 0.5, "test")
+    write(cfg, "decoder", t, ev, {"reconstruction": ev, "series": {}, "attrs": {}}, {})
     assert sweep.done(path, ("decoder",)) and not sweep.done(path, ("decoder", "rmle"))
     assert not sweep.done(tmp_path / "missing.h5", ("decoder",))

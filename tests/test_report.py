@@ -1,5 +1,6 @@
 """``python -m splitmpi.report`` on files made by real 2-client runs; expected numbers are
-read straight from the HDF5 files with h5py, independently of ``splitmpi.reader``."""
+read straight from the HDF5 files with h5py, independently of ``splitmpi.reader``. The
+report also runs where torch, torchvision and mpi4py cannot be imported."""
 import csv
 import io
 import math
@@ -10,9 +11,15 @@ import sys
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import mpirun
-from splitmpi import reader, report
+from splitmpi import config, reader
+from splitmpi.attack.output import write
+from splitmpi.attack.target import Target
+from splitmpi.report import training
+from splitmpi.report.cli import tables
+from splitmpi.report.render import Table, cell, render
 
 RUNS = {  # file stem -> overrides; cut 1 has both sharing modes, cut 2 only sharing
     "s1": ("split.share=true", "model.cut=1"),
@@ -61,7 +68,7 @@ def test_tables_hold_the_files_numbers(results):
     acc = {stem: final_acc(results / f"{stem}.h5") for stem in RUNS}
     near = lambda x: pytest.approx(x, abs=0.005)  # noqa: E731  half a printed unit
 
-    (table1,) = report.sharing_table(runs)
+    (table1,) = training.sharing_table(runs)
     rows = {(r["cut"], r["client"]): r for r in table1.rows}
     assert len(rows) == len(table1.rows) == 6  # two clients and a mean row per cut
     for k in (1, 2):
@@ -75,7 +82,7 @@ def test_tables_hold_the_files_numbers(results):
     assert mean["difference"] == near(np.mean([acc["s1"][k] - acc["n1"][k] for k in (1, 2)]))
     assert {r["status"] for r in table1.rows} == {"finished"}
 
-    acc_by_cut, bytes_by_cut = report.cut_tables(runs)
+    acc_by_cut, bytes_by_cut = training.cut_tables(runs)
     by_share = {r["share"]: r for r in acc_by_cut.rows}
     assert by_share[True]["cut=1"] == near(np.mean(list(acc["s1"].values())))
     assert by_share[True]["cut=2"] == near(np.mean(list(acc["s2"].values())))
@@ -86,7 +93,7 @@ def test_tables_hold_the_files_numbers(results):
     assert traffic[True]["cut=2"] == round(bytes_per_epoch(results / "s2.h5"))
     assert traffic[True]["cut=2"] < traffic[True]["cut=1"]  # a deeper cut sends less
 
-    (listing,) = report.runs_table(runs)
+    (listing,) = training.runs_table(runs)
     for stem, row in zip(RUNS, listing.rows):
         assert row["status"] == "finished" and row["epochs"] == 2 and row["clients"] == 2
         assert (row["acc_1"], row["acc_2"]) == (near(acc[stem][1]), near(acc[stem][2]))
@@ -171,16 +178,16 @@ def test_unfinished_run_is_marked_not_mixed(results, tmp_path):
 
 
 def test_render_formats_and_table_hook(monkeypatch):
-    assert [report.cell(v) for v in (99.1, 0.873, 5e-05, math.nan, None, True, 3)] == [
+    assert [cell(v) for v in (99.1, 0.873, 5e-05, math.nan, None, True, 3)] == [
         "99.10", "0.873", "5e-05", "-", "-", "true", "3"]
-    privacy = report.Table("Attack PSNR by cut", [{"cut": 1, "psnr_db": 21.5},
-                                                  {"cut": 2, "psnr_db": 14.25}])
-    monkeypatch.setattr(report, "TABLES", [lambda runs: [privacy], lambda runs: []])
-    text = report.render(report.tables([]))
+    privacy = Table("Attack PSNR by cut", [{"cut": 1, "psnr_db": 21.5},
+                                           {"cut": 2, "psnr_db": 14.25}])
+    monkeypatch.setattr("splitmpi.report.cli.TABLES", [lambda runs: [privacy], lambda runs: []])
+    text = render(tables([]))
     assert text.splitlines() == ["Attack PSNR by cut", "cut  psnr_db", "---  -------",
                                  "  1    21.50", "  2    14.25"]
-    assert report.render([privacy], "csv") == ("# Attack PSNR by cut\ncut,psnr_db\n"
-                                               "1,21.50\n2,14.25\n")
+    assert render([privacy], "csv") == ("# Attack PSNR by cut\ncut,psnr_db\n"
+                                        "1,21.50\n2,14.25\n")
 
 
 def test_wire_figure(results, tmp_path):
@@ -189,3 +196,50 @@ def test_wire_figure(results, tmp_path):
     assert proc.returncode == 0, proc.stderr
     wire = [p for p in (tmp_path / "figs").iterdir() if "wire" in p.name]
     assert len(wire) == 1 and wire[0].read_bytes()[:4] == b"\x89PNG"
+
+
+# Post-processing happens on laptops and login nodes (docs/report.md): the command is run
+# with every import of torch, torchvision and mpi4py refused.
+WITHOUT_TORCH = """
+import importlib.abc, runpy, sys
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] in ("torch", "torchvision", "mpi4py"):
+            raise ImportError(f"{name} is blocked: the report must run without it")
+
+sys.meta_path.insert(0, Refuse())
+runpy.run_module("splitmpi.report", run_name="__main__", alter_sys=True)
+"""
+
+
+def without_torch(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *map(str, args)],
+                          env=mpirun.env(), capture_output=True, text=True, timeout=120)
+
+
+def test_report_runs_without_torch(results, tmp_path):
+    """Every table and figure, the attack's included, from a run file that holds an attack
+    group; only ``--wire`` draws a network, and it alone asks for torch."""
+    run = tmp_path / "s1.h5"
+    shutil.copy(results / "s1.h5", run)
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    write(config.load(None, [f"attack.output={run}", "model.cut=1", "attack.grid=2"]),
+          "decoder", Target(torch.nn.Sequential(), None, 0.8, "test"), images,
+          {"reconstruction": 0.9 * images, "series": {}, "attrs": {}}, {})
+    with h5py.File(run, "r") as f:
+        psnr = float(f["attack/decoder"].attrs["psnr_mean"])
+    acc = final_acc(run)
+    figs = tmp_path / "figs"
+
+    proc = without_torch(run, results / "n1.h5", "--plot", figs)
+    assert proc.returncode == 0, proc.stderr
+    assert "Table 1" in proc.stdout and f"{round(acc[1], 2):.2f}" in proc.stdout
+    attack_rows = proc.stdout.split("Inversion attack by cut and method")[1].splitlines()
+    assert any(f"{round(psnr, 2):.2f}" in row and "decoder" in row for row in attack_rows)
+    assert {p.name for p in figs.iterdir()} == {
+        "accuracy_s1.png", "accuracy_n1.png", "accuracy_by_cut_cnn5.png",
+        "bytes_by_cut_cnn5.png", "attack_grid_cnn5_decoder.png", "attack_by_cut_cnn5.png"}
+
+    wire = without_torch(run, "--plot", figs, "--wire")  # the refusal is in force
+    assert wire.returncode != 0 and "torch is blocked" in wire.stderr

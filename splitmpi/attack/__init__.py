@@ -1,0 +1,25 @@
+"""Feature-inversion attacks on a trained extractor: ``python -m splitmpi.attack``.
+
+The curious server sees what crosses the cut for each image (the extractor's activation
+after the client's defense) and tries to rebuild the image. The package follows one attack
+from start to end, a module a step:
+
+- ``target``: the extractor under attack and the utility of its model, from
+  ``attack.checkpoint`` or trained here;
+- ``images``: the evaluated images and the auxiliary images the attacker holds;
+- ``decoder`` and ``rmle``: the two methods, one module each;
+- ``metrics``: how close a reconstruction comes (MSE, PSNR, SSIM, the paper's score);
+- ``output``: the ``/attack/<method>`` group of a splitmpi results file;
+- ``cli``: the command, which validates the settings and runs the steps in order.
+
+The report reads the written groups back with h5py alone (``splitmpi.report.attacks``), so
+post-processing imports nothing of this package but for the ``--wire`` figure;
+docs/privacy.md has the details.
+"""
+import time
+
+
+def log(message: str) -> None:
+    """A progress line with the time, in the training run's format: an attack's training
+    and optimisation loops run for minutes and say how far they are."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)

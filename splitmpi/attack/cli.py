@@ -1,0 +1,118 @@
+"""``python -m splitmpi.attack [-c CONFIG] [key=value ...]``: one process, no mpiexec.
+
+The settings are checked before any work (exit 2 with one message naming the fix, and
+nothing written); then the target, the images and each method in turn, every method's
+results written as soon as it ends.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import config as config_mod
+from .. import data
+from ..config import Config
+from ..errors import ConfigError
+from ..runtime import node_cores, pick_device, pick_threads
+from . import log
+from .decoder import decoder_attack
+from .images import attack_images
+from .output import check_output, now, output_path, write
+from .rmle import rmle_attack
+from .target import describe_defense, feature_rms, get_target, observe
+
+AUX_CHOICES = ("train", "others")
+METHODS = ("decoder", "rmle")
+
+
+def validate(cfg: Config) -> None:
+    """Attack settings that ``config.validate`` does not check; ConfigError on a bad one."""
+    a = cfg.attack
+    if a.aux not in AUX_CHOICES:
+        raise ConfigError(f"attack.aux={a.aux!r} is not supported",
+                          f"use one of: {', '.join(AUX_CHOICES)}")
+    for key, value, low in (("attack.aux_samples", a.aux_samples, 1),
+                            ("attack.eval_samples", a.eval_samples, 1),
+                            ("attack.batch_size", a.batch_size, 1),
+                            ("attack.decoder_width", a.decoder_width, 1),
+                            ("attack.epochs", a.epochs, 0), ("attack.rmle_steps", a.rmle_steps, 0),
+                            ("attack.grid", a.grid, 0)):
+        if value < low:
+            raise ConfigError(f"{key}={value} must be at least {low}", f"set {key} >= {low}")
+    for key, value in (("attack.lr", a.lr), ("attack.rmle_lr", a.rmle_lr)):
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive", f"set {key} > 0")
+    if a.rmle_tv < 0:
+        raise ConfigError(f"attack.rmle_tv={a.rmle_tv} must be >= 0", "set attack.rmle_tv >= 0")
+    if a.checkpoint and not Path(a.checkpoint).is_file():
+        raise ConfigError(f"attack.checkpoint {a.checkpoint} not found",
+                          "pass an existing .pt file, or leave attack.checkpoint empty to "
+                          "train the config's model first")
+    check_output(cfg)
+
+
+def run(cfg: Config) -> Path:
+    torch.set_num_threads(pick_threads(cfg.train.threads, 1, node_cores()))
+    device = pick_device(cfg.train.device, 0)
+    data.check_available(cfg.data)
+    started = now()
+    t0 = time.perf_counter()
+    target = get_target(cfg, device)
+    log(f"target: {cfg.model.arch} cut {cfg.model.cut}, defense {describe_defense(cfg)}, "
+        f"utility (client 1 test accuracy) {target.accuracy:.4f}")
+    aux, evaluated, aux_source, eval_source = attack_images(cfg)
+    methods = METHODS if cfg.attack.method == "both" else (cfg.attack.method,)
+    path = output_path(cfg)
+    for method in methods:
+        t1 = time.perf_counter()
+        log(f"{method} attack: {eval_source}; aux: {aux_source}")
+        if method == "decoder":
+            result = decoder_attack(cfg, target, aux, evaluated, device)
+        else:
+            result = rmle_attack(cfg, target, evaluated)
+        info = {"started": started, "seconds": time.perf_counter() - t1,
+                "total_seconds": time.perf_counter() - t0, "eval_source": eval_source,
+                "aux_source": aux_source if method == "decoder" else "none (white-box)",
+                "aux_samples": len(aux) if method == "decoder" else 0,
+                "feature_shape": np.asarray(observe(target, evaluated[:1]).shape[1:]),
+                "feature_rms": feature_rms(target, evaluated)}
+        g = write(cfg, method, target, evaluated, result, info)
+        print(f"{method}: PSNR {g['psnr_mean']:.2f} +- {g['psnr_std']:.2f} dB, SSIM "
+              f"{g['ssim_mean']:.3f} +- {g['ssim_std']:.3f}, score {g['score_mean']:.3f}, "
+              f"MSE {g['mse_mean']:.5f} ([0,1] pixels); utility {target.accuracy:.4f} "
+              f"-> {path}:/attack/{method}", flush=True)
+    return path
+
+
+def parser() -> argparse.ArgumentParser:
+    keys = [f"  attack.{f.name}={getattr(config_mod.AttackConfig(), f.name)!r}"
+            for f in dataclasses.fields(config_mod.AttackConfig)]
+    p = argparse.ArgumentParser(
+        prog="python -m splitmpi.attack",
+        description="Feature-inversion attack (decoder or white-box rMLE) on a trained "
+                    "extractor; results go to /attack/<method> of a splitmpi results file. "
+                    "One process, no mpiexec.",
+        epilog="attack keys and defaults (any config key can be overridden):\n"
+               + "\n".join(keys), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", help="YAML config file (default: the built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. model.cut=1 attack.method=rmle")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config, args.overrides)
+        validate(cfg)
+        run(cfg)
+    except ConfigError as exc:
+        sys.stderr.write(f"splitmpi.attack: error: {exc}\n")
+        return ConfigError.exit_code
+    return 0

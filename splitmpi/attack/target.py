@@ -1,0 +1,216 @@
+"""The extractor under attack, and the utility of the model it belongs to.
+
+``attack.checkpoint`` names a torch file holding an extractor state dict under "extractor",
+top level or under ["model"] or ["state"] (the last is what a splitmpi client checkpoint
+``OUTPUT.ckpt/epoch-N/rank-1.pt`` holds). When it is empty, the config's split model is
+trained here in one process on client 1's shard (extractor -> defense -> cloud ->
+classifier, the defense's NoPeek penalty added to the loss, as the client does), for
+``train.epochs`` with the config's SGD settings. Clients for the partition: ``clients`` if
+set, else the number of class lists of an explicit ``data.partition``, else 3 (at most the
+number of classes). Utility = that model's accuracy on client 1's test split with the
+defense in eval mode (noise on, dropout off).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import data, models
+from ..config import Config
+from ..defense import Defense
+from ..errors import ConfigError
+from . import log
+
+
+@dataclass
+class Target:
+    extractor: nn.Module  # eval mode, parameters frozen
+    defense: Defense  # eval mode: noise on, dropout off
+    accuracy: float  # utility: client 1's test accuracy (NaN when unknown)
+    source: str
+
+
+def clients_for(cfg: Config) -> int:
+    """Clients assumed for the partition: ``clients``, an explicit partition's length, or 3
+    (at most the number of classes, so "blocks" always works)."""
+    if cfg.clients.count:
+        return cfg.clients.count
+    if isinstance(cfg.data.partition, list):
+        return len(cfg.data.partition)
+    return max(1, min(3, data.spec(cfg.data).num_classes))
+
+
+def describe_defense(cfg: Config) -> str:
+    """The defense settings that are on, e.g. "noise_sigma=0.5", or "none"."""
+    on = [f"{k}={v:g}" for k, v in dataclasses.asdict(cfg.defense).items() if v]
+    return ", ".join(on) or "none"
+
+
+# --- a checkpoint -------------------------------------------------------------------------
+
+def _load_checkpoint(path: str) -> dict:
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
+        raise ConfigError(f"attack.checkpoint {path} cannot be read as a torch file ({exc})",
+                          "pass a file written by torch.save holding plain tensors") from None
+    if not isinstance(ck, dict):
+        raise ConfigError(f"attack.checkpoint {path} does not hold a dict",
+                          'save {"extractor": extractor.state_dict()}')
+    return ck
+
+
+def _part(ck: dict, name: str) -> dict | None:
+    """``ck[name]``, ``ck["model"][name]`` or (a splitmpi client checkpoint,
+    ``OUTPUT.ckpt/epoch-N/rank-K.pt``) ``ck["state"][name]``."""
+    if isinstance(ck.get(name), dict):
+        return ck[name]
+    for outer in ("model", "state"):
+        inner = ck.get(outer)
+        if isinstance(inner, dict) and isinstance(inner.get(name), dict):
+            return inner[name]
+    return None
+
+
+def load_extractor_state(path: str) -> dict:
+    return _extractor_state(_load_checkpoint(path), path)
+
+
+def _extractor_state(ck: dict, path: str) -> dict:
+    state = _part(ck, "extractor")
+    if state is None:
+        raise ConfigError(f"attack.checkpoint {path} has no extractor state dict",
+                          'save it under "extractor" (top level) or ["model"]["extractor"], '
+                          "or pass a splitmpi client checkpoint (OUTPUT.ckpt/epoch-N/rank-1.pt)")
+    return state
+
+
+def _load_into(module: nn.Module, state: dict, what: str, cfg: Config) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"attack.checkpoint {cfg.attack.checkpoint}: its {what} does not "
+                          f"fit model.arch={cfg.model.arch} model.cut={cfg.model.cut} "
+                          f"({first})", "set model.arch/model.cut/data.* to those the "
+                          "checkpoint was trained with") from None
+
+
+# --- or trained here ----------------------------------------------------------------------
+
+@torch.no_grad()
+def accuracy(parts: models.SplitModel, defense: Defense, loader, device) -> float:
+    for m in (parts.extractor, parts.cloud, parts.classifier, defense):
+        m.eval()
+    correct = seen = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = parts.classifier(parts.cloud(defense(parts.extractor(x))))
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    return correct / max(seen, 1)
+
+
+def train_split_model(cfg: Config, device: torch.device) -> tuple[models.SplitModel, Defense,
+                                                                   float]:
+    """The config's split model trained in one process on client 1's shard, the defense
+    between extractor and cloud as on the client. Returns (parts, defense, test accuracy)."""
+    clients = clients_for(cfg)
+    train_loader, test_loader, classes = data.client_loaders(cfg, 1, clients)
+    sp = data.spec(cfg.data)
+    parts = models.build(cfg.model, sp.channels, sp.image_size, sp.num_classes, cfg.train.seed)
+    defense = Defense(cfg.defense)
+    modules = [parts.extractor, parts.cloud, parts.classifier]
+    for m in modules:
+        m.to(device)
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
+                          weight_decay=cfg.train.weight_decay)
+    torch.manual_seed(cfg.train.seed * 1000 + 1)
+    log(f"training {cfg.model.arch} cut {cfg.model.cut} on client 1 of {clients} "
+        f"(classes {classes}, {len(train_loader.dataset)} images), defense "
+        f"{describe_defense(cfg)}")
+    acc = float("nan")
+    for epoch in range(cfg.train.epochs):
+        for m in (*modules, defense):
+            m.train()
+        loss_sum = seen = 0
+        for x, y in train_loader:
+            x, y = x.to(device), y.to(device)
+            a = parts.extractor(x)
+            loss = F.cross_entropy(parts.classifier(parts.cloud(defense(a))), y)
+            penalty = defense.penalty(x, a)
+            total = loss if penalty is None else loss + penalty
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            loss_sum, seen = loss_sum + loss.item() * len(y), seen + len(y)
+        acc = accuracy(parts, defense, test_loader, device)
+        log(f"  epoch {epoch + 1}/{cfg.train.epochs}: train loss {loss_sum / max(seen, 1):.4f}"
+            f", test accuracy {acc:.4f}")
+    return parts, defense, acc
+
+
+# --- the target ---------------------------------------------------------------------------
+
+def freeze(target_parts: list[nn.Module]) -> None:
+    """Eval mode and no gradients: the attacker observes the model, it does not train it."""
+    for m in target_parts:
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+
+
+def get_target(cfg: Config, device: torch.device) -> Target:
+    """The extractor under attack (and the utility of its model), see the module doc."""
+    defense = Defense(cfg.defense)
+    if not cfg.attack.checkpoint:
+        parts, defense, acc = train_split_model(cfg, device)
+        if cfg.attack.save:
+            Path(cfg.attack.save).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": {"extractor": parts.extractor.state_dict(),
+                                  "cloud": parts.cloud.state_dict(),
+                                  "classifier": parts.classifier.state_dict()},
+                        "test_accuracy": acc, "config": cfg.to_json()}, cfg.attack.save)
+            log(f"saved the trained model to {cfg.attack.save}")
+        source = f"trained here: {cfg.train.epochs} epochs on client 1 of {clients_for(cfg)}"
+        freeze([parts.extractor, defense])
+        return Target(parts.extractor, defense, acc, source)
+    ck = _load_checkpoint(cfg.attack.checkpoint)
+    sp = data.spec(cfg.data)
+    parts = models.build(cfg.model, sp.channels, sp.image_size, sp.num_classes, cfg.train.seed)
+    state = _extractor_state(ck, cfg.attack.checkpoint)
+    _load_into(parts.extractor, state, "extractor", cfg)
+    for m in (parts.extractor, parts.cloud, parts.classifier):
+        m.to(device)
+    acc = float("nan")
+    cloud, head = _part(ck, "cloud"), _part(ck, "classifier")
+    if cloud is not None and head is not None:
+        _load_into(parts.cloud, cloud, "cloud", cfg)
+        _load_into(parts.classifier, head, "classifier", cfg)
+        _, test_loader, _ = data.client_loaders(cfg, 1, clients_for(cfg))
+        acc = accuracy(parts, defense, test_loader, device)
+    elif isinstance(ck.get("test_accuracy"), (int, float)):
+        acc = float(ck["test_accuracy"])
+    freeze([parts.extractor, defense])
+    return Target(parts.extractor, defense, acc, f"checkpoint {cfg.attack.checkpoint}")
+
+
+@torch.no_grad()
+def observe(target: Target, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """What the server receives for images ``x`` (eval mode: noise on, dropout off)."""
+    dev = next(iter(target.extractor.parameters()), x).device
+    return torch.cat([target.defense(target.extractor(x[i:i + batch].to(dev)))
+                      for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def feature_rms(target: Target, x: torch.Tensor) -> float:
+    """Root mean square of the clean activations (the scale noise_sigma compares with)."""
+    dev = next(iter(target.extractor.parameters()), x).device
+    return float(target.extractor(x.to(dev)).pow(2).mean().sqrt())
