@@ -1,0 +1,294 @@
+"""One client step and one server step in one process, without mpiexec.
+
+The server (rank 0) and one client (rank 1) are threads of this process talking through the
+real ``Transport`` over ``splitmpi.loopback``. A split step must do exactly what the same
+network does in one piece: the gradients, the weights after the SGD step, BatchNorm's
+running statistics and the loss are compared bit for bit with a one-process run of the
+same batch. What needs real ranks (sharing, whole runs, the schedules' timing) stays in
+the mpiexec tests.
+"""
+import copy
+import signal
+import threading
+
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from splitmpi import client, config, loopback, models, schedule, server
+from splitmpi.defense import Defense
+from splitmpi.runtime import SERVER, Context, StopFlag
+from splitmpi.transport import DTYPES, HEADER, HEADER_LEN, WIRE_DTYPES, Kind, Transport
+
+CLIENT = 1
+CHANNELS, IMAGE_SIZE, CLASSES, BATCH = 3, 8, 10, 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The ranks and the one-process reference share this process's cores: with a torch
+    thread each they do not fight over them (teams of OpenMP threads spinning at their
+    barriers made a step of seconds on a loaded machine)."""
+    kept = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(kept)
+
+
+@pytest.fixture
+def stop():
+    """A StopFlag; the signal handlers it installs are put back afterwards, so SIGTERM still
+    ends the test process."""
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    yield StopFlag()
+    for sig, handler in kept.items():
+        signal.signal(sig, handler)
+
+
+@pytest.fixture
+def world():
+    with loopback.World(2) as w:
+        yield w
+
+
+def batch(seed: int, n: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g),
+            torch.randint(0, CLASSES, (n,), generator=g))
+
+
+# -- the transport ----------------------------------------------------------------------
+
+def sample(dtype: torch.dtype, shape=(3, 5, 7)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(len(shape))
+    return (torch.randn(shape, generator=g) * 100).to(dtype)
+
+
+@pytest.mark.parametrize("wait", ["spin", "sleep"])
+def test_tensors_cross_in_process_byte_for_byte(world, wait):
+    """Every dtype, empty and 0-d and 8-d shapes, a non-contiguous tensor, and the wire
+    casts: an activation crosses as exactly its bf16/fp16 rounding, in half the bytes, and
+    comes back float32; a kind outside the wire kinds keeps its dtype."""
+    tensors = [(sample(dt), Kind.LABELS) for dt in DTYPES]
+    tensors += [(torch.ones(shape), Kind.FEATURES) for shape in [(0,), (0, 4, 2, 2), (),
+                                                                 (1,) * 8]]
+    tensors.append((sample(torch.float32, (6, 4)).t(), Kind.FEATURES))
+    activation = sample(torch.float32, (8, 16, 4, 4))
+
+    def sender():
+        by_wire = {w: Transport(world.comm(CLIENT), wire_dtype=w, wait=wait)
+                   for w in WIRE_DTYPES}
+        for x, kind in tensors:
+            by_wire["float32"].send(x, SERVER, kind)
+        for t in by_wire.values():
+            t.send(activation, SERVER, Kind.ACTIVATION)
+            t.send(sample(torch.float16), SERVER, Kind.LABELS)
+        return by_wire
+
+    def receiver():
+        t = Transport(world.comm(SERVER), wait=wait)
+        got = [t.recv(CLIENT, kind) for _, kind in tensors]
+        wired = {w: (t.recv(CLIENT, Kind.ACTIVATION), t.recv(CLIENT, Kind.LABELS))
+                 for w in WIRE_DTYPES}
+        return got, wired, t.counters()
+
+    (got, wired, received), senders = loopback.run(receiver, sender)
+    for (x, _), y in zip(tensors, got):
+        assert y.dtype == x.dtype and y.shape == x.shape and torch.equal(y, x)
+    for wire, (a, labels) in wired.items():
+        assert a.dtype == torch.float32
+        assert torch.equal(a, activation.to(WIRE_DTYPES[wire]).float()), wire
+        assert labels.dtype == torch.float16 and torch.equal(labels, sample(torch.float16))
+    for count in ("bytes", "messages"):
+        sent = sum(t.counters()[f"{count}_sent"] for t in senders.values())
+        assert sent == received[f"{count}_received"], count
+    header = HEADER_LEN * HEADER.itemsize
+    payload = {w: t.bytes_sent[Kind.ACTIVATION] - header for w, t in senders.items()}
+    half = activation.nbytes // 2
+    assert payload == {"float32": activation.nbytes, "bfloat16": half, "float16": half}
+
+
+@pytest.mark.parametrize("wait", ["spin", "sleep"])
+def test_a_probe_from_any_source_names_the_virtual_sender(wait):
+    """The fifo schedule probes for whoever sent first; in a loopback world the probe must
+    name the sending thread's rank, not the one process's."""
+    with loopback.World(3) as w:
+        def sender(rank):
+            def send():
+                Transport(w.comm(rank)).send(torch.full((2,), float(rank)), SERVER,
+                                             Kind.ACTIVATION)
+            return send
+
+        def fifo():
+            t = Transport(w.comm(SERVER), wait=wait)
+            order = schedule.make("fifo", t)
+            served = {}
+            for _ in range(2):
+                k = order.next([1, 2], Kind.ACTIVATION)
+                served[k] = t.recv(k, Kind.ACTIVATION)
+            return served
+
+        served = loopback.run(fifo, sender(1), sender(2))[0]
+    assert {k: a.tolist() for k, a in served.items()} == {1: [1.0, 1.0], 2: [2.0, 2.0]}
+
+
+def test_the_first_error_of_any_rank_is_raised_at_once():
+    """A failed rank's error must not wait for the other ranks: they may be waiting for a
+    message from it that will never come."""
+    released, finished = threading.Event(), threading.Event()
+
+    def waiting():
+        released.wait(60)
+        finished.set()
+
+    with pytest.raises(ZeroDivisionError):
+        loopback.run(waiting, lambda: 1 / 0, timeout=60)
+    assert not finished.is_set()
+    released.set()
+
+
+# -- one step ---------------------------------------------------------------------------
+
+def make_cfg(arch: str, cut, topology: str) -> config.Config:
+    return config.load(overrides=[f"model.arch={arch}", f"model.cut={cut}",
+                                  f"split.topology={topology}", "train.weight_decay=0.001"])
+
+
+def contexts(cfg: config.Config, world: loopback.World, stop: StopFlag):
+    """Server and client contexts as ``make_context`` would give them on the CPU. Ranks wait
+    by sleeping, as where ranks outnumber cores (here two ranks and torch's threads share
+    the cores); the one client's sub-communicator is COMM_SELF, a client communicator of
+    one rank."""
+    cpu = torch.device("cpu")
+
+    def context(rank: int, clients_comm):
+        comm = world.comm(rank)
+        transport = Transport(comm, cfg.comm.wire_dtype, wait="sleep")
+        return Context(cfg, comm, clients_comm, 1, cpu, transport, stop)
+
+    return context(SERVER, None), context(CLIENT, MPI.COMM_SELF)
+
+
+def roles(cfg: config.Config, ctxs, test_loader=None):
+    """The server's and the client's state over one freshly built network, and a copy of
+    that network for the one-process reference."""
+    parts = models.build(cfg.model, CHANNELS, IMAGE_SIZE, CLASSES, cfg.train.seed)
+    whole = copy.deepcopy(parts)
+    u_shape = cfg.split.topology == "u_shape"
+    classifier = parts.classifier if u_shape else None
+    head = None if u_shape else parts.classifier
+    cloud_side = server.Server(parts.cloud, head, models.sgd([parts.cloud, head], cfg.train),
+                               schedule.make(cfg.server.schedule, ctxs[SERVER].transport),
+                               models.has_parameters(parts.extractor), audit=None)
+    client_side = client.Client(parts.extractor, classifier, Defense(cfg.defense),
+                                models.sgd([parts.extractor, classifier], cfg.train),
+                                train_loader=None, test_loader=test_loader, classes=[],
+                                audit=None)
+    return cloud_side, client_side, whole
+
+
+def reference_step(cfg: config.Config, whole: models.SplitModel, x, y):
+    """The same step on the network in one piece: (summed loss, correct)."""
+    net = nn.Sequential(whole.extractor, whole.cloud, whole.classifier).train()
+    optimizer = models.sgd([net], cfg.train)
+    optimizer.zero_grad(set_to_none=True)
+    logits = net(x)
+    loss = nn.functional.cross_entropy(logits, y)
+    loss.backward()
+    optimizer.step()
+    return loss.item() * len(y), int((logits.argmax(1) == y).sum())
+
+
+def assert_same_state(split: nn.Module, whole: nn.Module) -> None:
+    """Weights and buffers (BatchNorm's running statistics) bit for bit equal."""
+    state, reference = split.state_dict(), whole.state_dict()
+    for name in state:
+        assert torch.equal(state[name], reference[name]), name
+
+
+def assert_same_step(split: nn.Module, whole: nn.Module, before: dict) -> None:
+    """Gradients, weights and buffers bit for bit equal, and a part with any state moved."""
+    for (name, p), q in zip(split.named_parameters(), whole.parameters()):
+        assert torch.equal(p.grad, q.grad), f"gradient of {name}"
+    assert_same_state(split, whole)
+    if before:
+        state = split.state_dict()
+        assert any(not torch.equal(before[n], state[n]) for n in before), "nothing learnt"
+
+
+@pytest.mark.parametrize("arch, cut, topology", [
+    ("cnn5", 2, "u_shape"), ("resnet50", "layer2", "u_shape"),
+    ("cnn5", 3, "label_sharing"), ("cnn5", 0, "label_sharing")])
+def test_one_split_step_is_the_one_process_step(world, stop, arch, cut, topology):
+    """u_shape: activation, features, feature gradient, activation gradient; label_sharing:
+    activation and labels, loss, activation gradient (none with cnn5 cut 0, where the client
+    holds no layer). Either way the step is the one-process step, bit for bit. The modules
+    are freshly built, so in training mode, as ``train_epoch`` sets them."""
+    cfg = make_cfg(arch, cut, topology)
+    ctxs = contexts(cfg, world, stop)
+    cloud_side, client_side, whole = roles(cfg, ctxs)
+    x, y = batch(0)
+    parts = {"extractor": client_side.extractor, "cloud": cloud_side.cloud,
+             "classifier": client_side.classifier or cloud_side.head}
+    before = {part: copy.deepcopy(m.state_dict()) for part, m in parts.items()}
+
+    def serve():
+        ctx = ctxs[SERVER]
+        server.train_step(ctx, cloud_side, CLIENT, ctx.transport.recv(CLIENT, Kind.ACTIVATION))
+
+    def step():
+        ctx = ctxs[CLIENT]
+        return client._finish_step(ctx, client_side,
+                                   *client._send_activation(ctx, client_side, x, y))
+
+    loss, correct = loopback.run(serve, step)[CLIENT]
+    assert (loss, correct) == reference_step(cfg, whole, x, y)
+    for part, module in parts.items():
+        assert_same_step(module, getattr(whole, part), before[part])
+    at_client, at_server = (ctxs[r].transport.counters() for r in (CLIENT, SERVER))
+    assert at_client["bytes_sent"] == at_server["bytes_received"]
+    assert at_server["bytes_sent"] == at_client["bytes_received"]
+
+
+@pytest.mark.parametrize("arch, cut, topology", [
+    ("cnn5", 2, "u_shape"), ("resnet50", "layer1", "label_sharing")])
+def test_evaluation_is_the_one_process_forward(world, stop, arch, cut, topology):
+    """The client's pipelined evaluation (the next batch's forward while the server works)
+    against the server's eval phase: the one-process loss and accuracy, batch by batch, and
+    no weight or running statistic changes."""
+    cfg = make_cfg(arch, cut, topology)
+    ctxs = contexts(cfg, world, stop)
+    samples = 7
+    x, y = batch(1, samples)
+    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)  # batches of 4 and 3
+    cloud_side, client_side, whole = roles(cfg, ctxs, loader)
+    # running statistics unlike any batch's, so an evaluation in training mode would show
+    for m in [client_side.extractor, cloud_side.cloud, whole.extractor, whole.cloud]:
+        for norm in (n for n in m.modules() if isinstance(n, nn.BatchNorm2d)):
+            norm.running_mean.fill_(0.1)
+            norm.running_var.fill_(2.0)
+
+    def serve():
+        ctx = ctxs[SERVER]
+        served = server.serve_phase(ctx, cloud_side, Kind.EVAL_ACTIVATION, server.eval_step)
+        for sends in cloud_side.replies.values():
+            ctx.transport.wait(sends)
+        return served
+
+    served, metrics = loopback.run(serve, lambda: client.evaluate(ctxs[CLIENT], client_side))
+    assert served[CLIENT]["batches_served"] == 2
+
+    net = nn.Sequential(whole.extractor, whole.cloud, whole.classifier).eval()
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for xb, yb in loader:
+            logits = net(xb)
+            loss += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
+            correct += int((logits.argmax(1) == yb).sum())
+    assert metrics == {"test_loss": loss / samples, "test_accuracy": correct / samples,
+                       "test_samples": samples}
+    for split, one in [(client_side.extractor, whole.extractor), (cloud_side.cloud, whole.cloud),
+                       (client_side.classifier or cloud_side.head, whole.classifier)]:
+        assert_same_state(split, one)
