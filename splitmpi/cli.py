@@ -32,13 +32,16 @@ def abort_on_exception(kind, exc, tb) -> None:
 
 
 def _keys(section, prefix="") -> list[str]:
+    """``key=default`` per line, and what a choice key accepts."""
     lines = []
+    types = config.field_types(section)
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         if dataclasses.is_dataclass(value):
             lines += _keys(value, f"{prefix}{f.name}.")
         else:
-            lines.append(f"  {prefix}{f.name}={value!r}")
+            allowed = config.choices(types[f.name])
+            lines.append(f"  {prefix}{f.name}={value!r}" + (f"  ({allowed})" if allowed else ""))
     return lines
 
 
@@ -47,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m splitmpi",
         description="Split learning over MPI: rank 0 is the cloud server, ranks 1..N the "
                     "clients. Launch with mpirun -n 1+CLIENTS.",
-        epilog="config keys and defaults (override any with key=value):\n"
+        epilog="config keys, defaults and choices (override any with key=value):\n"
                + "\n".join(_keys(config.Config())),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", help="YAML config file (default: the built-in defaults)")
