@@ -4,7 +4,9 @@ One epoch, as the server sees it (``server.py`` is the other half of each step):
   train phase  - per batch: send activation -> (u_shape) get features, classifier, loss,
                  send feature grad -> get activation grad, extractor backward, step.
                  An empty activation ends the phase.
-  share        - extractors averaged over the client communicator (``split.share``).
+  share        - extractors averaged over the client communicator (``split.share``);
+                 under split.share_bn=recalibrate each client then re-estimates the
+                 extractor's BatchNorm statistics on its own training data.
   eval phase   - per test batch: send activation -> get features/logits (the next batch's
                  forward runs meanwhile); then an empty activation and this epoch's
                  report (metrics, counters) to rank 0.
@@ -81,9 +83,7 @@ def run(ctx: Context, me: Client, start: int = 0) -> bool:
     """Epochs ``start``.. to the end; True when a signal stopped the run after a checkpoint."""
     for epoch in range(start, ctx.cfg.train.epochs):
         train = train_epoch(ctx, me)
-        shared_bytes = 0
-        if ctx.cfg.split.share:
-            shared_bytes = sharing.average_extractor(me.extractor, ctx.clients_comm)
+        shared_bytes = share(ctx, me, epoch) if ctx.cfg.split.share else 0
         test = evaluate(ctx, me)
         report = {"epoch": epoch, "classes": me.classes, **train, **test,
                   "share_bytes": shared_bytes, "stop_requested": bool(ctx.stop.signal),
@@ -95,6 +95,20 @@ def run(ctx: Context, me: Client, start: int = 0) -> bool:
         if checkpoint.boundary(ctx.world, ctx.cfg, epoch + 1, lambda: state(me)):
             return True
     return False
+
+
+def share(ctx: Context, me: Client, epoch: int) -> int:
+    """Average the extractors over the clients (``split.share_bn`` says what happens to
+    BatchNorm); returns the bytes reduced."""
+    split = ctx.cfg.split
+    reduced = sharing.average_extractor(me.extractor, ctx.clients_comm, split.share_bn)
+    if split.share_bn == "recalibrate":
+        sample = data.sample_loader(me.train_loader, ctx.cfg.train.seed, ctx.rank, epoch)
+        with ctx.autocast():
+            sharing.recalibrate(me.extractor, (x.to(ctx.device, non_blocking=True)
+                                               for x, _ in sample),
+                                split.bn_recalibrate_batches)
+    return reduced
 
 
 def _end_phase(ctx: Context, kind: Kind, like: torch.Tensor | None) -> None:

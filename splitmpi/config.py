@@ -116,7 +116,7 @@ class SplitConfig:
     share_bn: Literal["average", "local", "recalibrate"] = "recalibrate"
     """What sharing does with BatchNorm (docs/sharing.md): average it all, keep it local,
     or average and then re-estimate the running statistics on each client's data."""
-    bn_recalibrate_batches: int = 100
+    bn_recalibrate_batches: int = 20
     """recalibrate: at most this many training batches re-estimate the statistics."""
 
     def validate(self) -> None:

@@ -299,9 +299,9 @@ def partition(targets: np.ndarray, num_classes: int, clients: int, cfg: DataConf
 
 # --- per-client data sets and loaders ------------------------------------------------------
 
-def _client_seed(seed: int, client: int) -> int:
-    """A well-mixed 32-bit seed per (run seed, client)."""
-    return int(np.random.SeedSequence([seed, client]).generate_state(1)[0])
+def _client_seed(seed: int, client: int, *more: int) -> int:
+    """A well-mixed 32-bit seed per (run seed, client[, more keys])."""
+    return int(np.random.SeedSequence([seed, client, *more]).generate_state(1)[0])
 
 
 def _cap(indices: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
@@ -349,3 +349,12 @@ def client_loaders(cfg: Config, client: int,
     order = torch.Generator().manual_seed(_client_seed(cfg.train.seed, client))
     return (DataLoader(train, shuffle=True, generator=order, **common),
             DataLoader(test, shuffle=False, **common), classes)
+
+
+def sample_loader(loader: DataLoader, seed: int, client: int, epoch: int) -> DataLoader:
+    """``loader``'s data in a shuffled order of its own, drawn from (seed, client, epoch):
+    a sample of the training shard that leaves the training order's generator alone."""
+    order = torch.Generator().manual_seed(_client_seed(seed, client, epoch))
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True,
+                      generator=order, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory)

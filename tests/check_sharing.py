@@ -5,7 +5,7 @@ from mpi4py import MPI
 
 from splitmpi.config import ModelConfig
 from splitmpi.models import build
-from splitmpi.sharing import average_extractor, extractor_state
+from splitmpi.sharing import average_extractor, shared_tensors
 
 world = MPI.COMM_WORLD
 rank = world.Get_rank()
@@ -17,11 +17,11 @@ if rank != 0:
             for b in extractor.buffers():
                 if b.is_floating_point():
                     b.add_(rank)
-        mine = [t.clone() for t in extractor_state(extractor)]
+        mine = [t.clone() for t in shared_tensors(extractor)]
         everyone = clients.allgather([t.numpy() for t in mine])
         reduced = average_extractor(extractor, clients)
         assert reduced == 4 * sum(t.numel() for t in mine)
-        after = extractor_state(extractor)
+        after = shared_tensors(extractor)
         for i, t in enumerate(after):
             mean = torch.stack([torch.from_numpy(e[i]) for e in everyone]).mean(0)
             assert torch.allclose(t, mean, atol=1e-6), (arch, i)

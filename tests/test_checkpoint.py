@@ -154,3 +154,20 @@ def test_a_full_disk_fails_clearly_and_keeps_the_last_checkpoint(tmp_path, tiny_
     mpirun.ok(3, *ARGS, "train.epochs=2", f"train.checkpoint_dir={tiny_disk}",
               "output=full.h5", "train.resume=auto", cwd=tmp_path)
     assert reader.read(tmp_path / "full.h5").finished
+
+
+def test_resume_is_exact_with_batchnorm_recalibration(tmp_path):
+    """ResNet-50 with sharing: split.share_bn=recalibrate draws a sample of the shard after
+    every averaging; a run resumed from epoch 1 still equals the uninterrupted one."""
+    args = ("model.arch=resnet50", "model.cut=layer1", "data.image_size=8",
+            "data.train_size=120", "data.test_size=60", "train.batch_size=20",
+            "split.share_bn=recalibrate", "split.bn_recalibrate_batches=2")
+    mpirun.ok(3, *args, "train.epochs=2", "output=full.h5", cwd=tmp_path)
+    mpirun.ok(3, *args, "train.epochs=1", "train.checkpoint_every=1", "output=cut.h5",
+              cwd=tmp_path)
+    mpirun.ok(3, *args, "train.epochs=2", "train.resume=auto", "output=cut.h5", cwd=tmp_path)
+    full, resumed = reader.read(tmp_path / "full.h5"), reader.read(tmp_path / "cut.h5")
+    assert full.epochs == resumed.epochs == 2
+    for k in full.clients:
+        for name in SERIES:
+            assert np.array_equal(full.clients[k][name], resumed.clients[k][name]), (k, name)
