@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import logging
 import os
 import subprocess
 import sys
@@ -37,9 +38,11 @@ if str(ROOT) not in sys.path:  # run as a script: import the splitmpi beside thi
     sys.path.insert(0, str(ROOT))
 
 from splitmpi import config as splitconfig  # noqa: E402
-from splitmpi import reader  # noqa: E402
+from splitmpi import logs, reader  # noqa: E402
 from splitmpi.errors import ConfigError  # noqa: E402
 from splitmpi.report.attacks import attack_tables  # noqa: E402
+
+log = logging.getLogger("splitmpi.jobs.privacy_sweep")
 
 DEFENSE_KEYS = {"noise": "defense.noise_sigma", "nopeek": "defense.nopeek_alpha",
                 "dropout": "defense.dropout"}
@@ -112,6 +115,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse(sys.argv[1:] if argv is None else argv)
+    logs.setup()
     try:
         base = base_config(args.config, extra, args.cuts)
     except ConfigError as exc:
@@ -139,20 +143,19 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["-c", args.config] if args.config else []
         cmd += [*extra, *overrides, f"attack.method={args.method}", f"attack.output={path}"]
         if args.dry_run:
-            print(f"[{i}/{len(todo)}] {name}: {' '.join(cmd)}")
+            log.info(f"[{i}/{len(todo)}] {name}: {' '.join(cmd)}")
             continue
         if done(path, methods):
-            print(f"[{i}/{len(todo)}] {name}: done, skipped", flush=True)
+            log.info(f"[{i}/{len(todo)}] {name}: done, skipped")
             continue
         out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-        with open(out / f"{name}.log", "w") as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with open(out / f"{name}.log", "w") as cell_log:
+            rc = subprocess.call(cmd, stdout=cell_log, stderr=subprocess.STDOUT, env=env)
         status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {out / name}.log)"
-        print(f"[{i}/{len(todo)}] {name}: {status} in {time.perf_counter() - start:.0f} s",
-              flush=True)
+        log.info(f"[{i}/{len(todo)}] {name}: {status} in {time.perf_counter() - start:.0f} s")
         if rc != 0:
             failed.append(name)
     if args.dry_run:

@@ -34,6 +34,7 @@ import argparse
 import datetime
 import fnmatch
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -49,8 +50,10 @@ if str(ROOT) not in sys.path:  # run as a script: import the splitmpi beside thi
     sys.path.insert(0, str(ROOT))
 
 from splitmpi import config as splitconfig  # noqa: E402
-from splitmpi import reader  # noqa: E402
+from splitmpi import logs, reader  # noqa: E402
 from splitmpi.errors import ConfigError  # noqa: E402
+
+log = logging.getLogger("splitmpi.jobs.sweep")
 
 CONFIGS = ROOT / "configs"
 ARRAY_SCRIPT = ROOT / "slurm" / "sweep_array.sh"
@@ -141,20 +144,21 @@ def clear_leftover(path: Path, how: str) -> str:
 
 
 def say(message: str) -> None:
-    print(f"sweep: {message}", flush=True)
+    """A line of the sweep's story (``splitmpi.logs``), told apart from its cells' lines."""
+    log.info(f"sweep: {message}")
 
 
 def check_skip(cell: Cell) -> tuple[str, str]:
-    """(state, message) of a cell's results file before running it."""
+    """(state, message) of a cell's results file before running it; a finished file made
+    with another config is warned about."""
     status, run = state(Path(cell.output))
     if status != "finished":
         return status, ""
-    message = f"skip {cell.name}: {cell.output} finished {run.attrs['finished']}"
     changed = differences(run.config, resolve(cell).to_dict())
     if changed:
-        message += ("\nsweep: warning: it was made with a different config (" + "; ".join(changed)
-                    + "); move it away to run this cell again")
-    return status, message
+        log.warning(f"sweep: {cell.output} was made with a different config ("
+                    + "; ".join(changed) + "); move it away to run this cell again")
+    return status, f"skip {cell.name}: {cell.output} finished {run.attrs['finished']}"
 
 
 # --- running one cell ----------------------------------------------------------------------
@@ -191,10 +195,10 @@ def run_cell(cell: Cell, ranks: int, args, to_log: bool = True) -> int:
     if status == "unfinished":
         say(f"{cell.name}: {clear_leftover(out, args.unfinished)}")
     cmd = command(cell, ranks, args.launcher, args.python, args.mpiexec)
-    log = out.with_suffix(".log")
-    say(f"run {cell.name} -> {out}" + (f" (log {log.name})" if to_log else ""))
+    log_file = out.with_suffix(".log")
+    say(f"run {cell.name} -> {out}" + (f" (log {log_file.name})" if to_log else ""))
     started = time.monotonic()
-    with (open(log, "a") if to_log else open(os.devnull)) as f:
+    with (open(log_file, "a") if to_log else open(os.devnull)) as f:
         sink = f if to_log else sys.stdout
         sink.write(f"# {datetime.datetime.now().isoformat(timespec='seconds')} "
                    f"{shlex.join(cmd)}\n")
@@ -216,7 +220,7 @@ def run_cell(cell: Cell, ranks: int, args, to_log: bool = True) -> int:
     if rc == 0 and state(out)[0] != "finished":
         rc = 1  # exit 0 but no finished file: count it as failed
     say(f"{'done' if rc == 0 else 'FAILED'} {cell.name} (exit {rc}, {seconds:.1f} s)"
-        + ("" if rc == 0 or not to_log else f": see {log}"))
+        + ("" if rc == 0 or not to_log else f": see {log_file}"))
     return rc
 
 
@@ -301,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     args = parser().parse_args(argv)
     args.extras = extras
+    logs.setup()
     # SIGTERM (scancel, a time limit) ends the running cell's whole job too, see run_cell
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args.mpiexec = args.mpiexec or default_mpiexec(args.python)

@@ -9,6 +9,7 @@ checkpoint that would need arbitrary pickled objects (and could run code) is ref
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import shutil
@@ -20,12 +21,14 @@ from mpi4py import MPI
 from .config import Config
 from .errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 FORMAT = 1
 KEEP = 2
 COMPLETE = "COMPLETE"
 # Keys that may differ between the run that saved and the run that resumes.
 VOLATILE = {"train": {"epochs", "resume", "checkpoint_every", "checkpoint_dir", "log_every",
-                      "device", "threads"},
+                      "log_seconds", "device", "threads"},
             "attack": None, "output": None, "overwrite": None}
 
 
@@ -149,8 +152,8 @@ def boundary(world: MPI.Comm, cfg: Config, epochs_done: int, state, decision=Non
     save_it, stop = world.bcast(decision, root=0)
     if save_it:
         folder = save(world, cfg, epochs_done, state())
-        if world.Get_rank() == 0:
-            print(f"checkpoint {folder} written", flush=True)
+        if world.Get_rank() == 0:  # the set is rank 0's to mark complete, and to announce
+            log.info(f"checkpoint {folder} written")
     return stop
 
 

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import time
 import traceback
 
-import yaml
 from mpi4py import MPI
 
-from . import checkpoint, client, config, server
+from . import checkpoint, client, config, logs, server
 from .errors import ConfigError
 from .results import ResultsWriter
 from .runtime import STOPPED, make_context
+
+log = logging.getLogger(__name__)
 
 
 def abort_on_exception(kind, exc, tb) -> None:
@@ -56,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help="YAML config file (default: the built-in defaults)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as YAML and exit")
+    logs.add_arguments(p)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.epochs=5 model.cut=layer2")
     return p
@@ -90,12 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if rank != 0:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    logs.setup(rank, args.verbosity)
     cfg, clients = agree(world, lambda: _resolve(args, world.Get_size()))
     if args.print_config:
         if rank == 0:
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            print(cfg.to_yaml(), end="")
         return 0
-    ctx = make_context(cfg, world, clients)
+    ctx = agree(world, lambda: make_context(cfg, world, clients))
     # rank 0 decides which checkpoint (if any) to resume and tells the others
     folder = world.bcast(agree(world, lambda: checkpoint.locate(cfg) if rank == 0 else None))
     start = checkpoint.epochs_of(folder) if folder else None
@@ -105,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     if saved:
         (server if ctx.is_server else client).restore(me, saved["state"])
     if ctx.is_server:
-        ctx.log(f"splitmpi: {clients} clients, world size {world.Get_size()}, "
-                f"device {ctx.device}, output {cfg.output}"
-                + (f", resuming after epoch {start} from {folder}" if folder else ""))
-        ctx.log("config: " + cfg.to_json())
+        log.info(f"splitmpi: {clients} clients, world size {world.Get_size()}, "
+                 f"device {ctx.device}, output {cfg.output}"
+                 + (f", resuming after epoch {start} from {folder}" if folder else ""))
+        log.info("config:\n" + cfg.to_yaml().rstrip())
         writer = ResultsWriter(cfg, world.Get_size(), clients, start)
         stopped = server.run(ctx, me, writer, start or 0)
     else:

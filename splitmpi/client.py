@@ -81,6 +81,7 @@ def restore(me: Client, saved: dict) -> None:
 
 def run(ctx: Context, me: Client, start: int = 0) -> bool:
     """Epochs ``start``.. to the end; True when a signal stopped the run after a checkpoint."""
+    ctx.world.gather(len(me.train_loader.dataset), root=SERVER)  # for the server's progress
     for epoch in range(start, ctx.cfg.train.epochs):
         train = train_epoch(ctx, me)
         shared_bytes = share(ctx, me, epoch) if ctx.cfg.split.share else 0

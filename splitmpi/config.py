@@ -144,7 +144,9 @@ class TrainConfig:
     threads: int = 0
     """torch threads per rank; 0: the node's cores shared by the ranks on the node."""
     log_every: int = 0
-    """>0: also log every N training steps served."""
+    """>0: rank 0 logs a progress line every N training steps served (all clients)."""
+    log_seconds: float = 60.0
+    """>0: rank 0 logs a progress line at least every this many seconds of training."""
     checkpoint_every: int = 0
     """>0: checkpoint every N epochs (SIGUSR1 and SIGTERM always do)."""
     checkpoint_dir: str = ""
@@ -156,7 +158,7 @@ class TrainConfig:
     def validate(self) -> None:
         _at_least(1, "train", self, "epochs", "batch_size")
         _at_least(0, "train", self, "momentum", "weight_decay", "threads", "log_every",
-                  "checkpoint_every")
+                  "log_seconds", "checkpoint_every")
         _positive("train", self, "lr")
 
 
@@ -273,6 +275,10 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_yaml(self) -> str:
+        """Multi-line, in the order of the dataclasses: what ``-c`` reads back."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 def _alternatives(annotation: Any) -> tuple:

@@ -1,9 +1,9 @@
-"""What a rank knows about where it runs: communicators, device, threads, logging."""
+"""What a rank knows about where it runs: communicators, device, threads, waiting."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import time
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +12,8 @@ from mpi4py import MPI
 from .config import Config
 from .errors import ConfigError
 from .transport import Transport
+
+log = logging.getLogger(__name__)
 
 SERVER = 0
 STOPPED = 75  # exit code: stopped by SIGUSR1/SIGTERM after a checkpoint; resume to go on
@@ -52,11 +54,6 @@ class Context:
         """bf16 mixed precision where ``train.amp=bf16``; a no-op context otherwise."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               enabled=self.cfg.train.amp == "bf16")
-
-    def log(self, message: str) -> None:
-        """Rank 0 alone logs (and writes results): docs/architecture.md#rules-the-code-follows."""
-        if self.is_server:
-            print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def local_comm(world: MPI.Comm) -> MPI.Comm:
@@ -102,7 +99,8 @@ def pick_wait(choice: str, ranks_on_node: int, cores: int) -> str:
 
 
 def make_context(cfg: Config, world: MPI.Comm, clients: int) -> Context:
-    """Collective: every rank calls it; the collectives come before anything can raise."""
+    """Collective: every rank calls it; the collectives come before anything can raise
+    (a ConfigError from ``pick_device``), so ``cli.agree`` can take the error to every rank."""
     local = local_comm(world)
     local_rank, ranks_on_node = local.Get_rank(), local.Get_size()
     cores = node_cores(local)
@@ -111,8 +109,12 @@ def make_context(cfg: Config, world: MPI.Comm, clients: int) -> Context:
     clients_comm = world.Split(MPI.UNDEFINED if rank == SERVER else 1, rank)
     if clients_comm == MPI.COMM_NULL:
         clients_comm = None
-    torch.set_num_threads(pick_threads(cfg.train.threads, ranks_on_node, cores))
-    transport = Transport(world, cfg.comm.wire_dtype, cfg.comm.gpu_aware,
-                          pick_wait(cfg.comm.wait, ranks_on_node, cores))
+    threads = pick_threads(cfg.train.threads, ranks_on_node, cores)
+    torch.set_num_threads(threads)
+    wait = pick_wait(cfg.comm.wait, ranks_on_node, cores)
+    transport = Transport(world, cfg.comm.wire_dtype, cfg.comm.gpu_aware, wait)
     device = pick_device(cfg.train.device, local_rank)
+    role = "server" if rank == SERVER else f"client {rank}"
+    log.info(f"{role} on {device}, {threads} torch threads, waits by {wait} "
+             f"({ranks_on_node} ranks, {cores} cores on this node)")
     return Context(cfg, world, clients_comm, clients, device, transport, StopFlag())

@@ -8,9 +8,14 @@ One epoch, as the clients see it (``client.py`` is the other half of each step):
                  has sent an empty activation.
   eval phase   - per request: get activation -> forward -> send features/logits.
   reports      - one report per client; one HDF5 row per series; one log line per client.
+
+Progress lines during the train phase (``train.log_every``, ``train.log_seconds``) count
+the samples served per client against each client's shard size, which every client
+sends once at the start of ``run``: the server has no data of its own to count.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -20,8 +25,11 @@ from torch import nn
 
 from . import checkpoint, models, results, schedule
 from .audit import ServerAudit
-from .runtime import Context
+from .logs import Pace, Progress
+from .runtime import SERVER, Context
 from .transport import Kind
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,9 +77,16 @@ def restore(me: Server, saved: dict) -> None:
 def run(ctx: Context, me: Server, writer: results.ResultsWriter, start: int = 0) -> bool:
     """Epochs ``start``.. to the end; True when a signal stopped the run after a checkpoint."""
     cfg = ctx.cfg
+    shards = ctx.world.gather(None, root=SERVER)[1:]  # training samples per client
+    rest = 0.0  # the last epoch's time after its train phase: sharing, evaluation, reports
     for epoch in range(start, cfg.train.epochs):
-        start = time.perf_counter()
-        served = serve_phase(ctx, me, Kind.ACTIVATION, train_step)
+        began = time.perf_counter()
+        title = f"epoch {epoch + 1}/{cfg.train.epochs}"
+        progress = Progress(log, title, sum(shards), "samples", Pace.of(cfg.train),
+                            totals={f"client {k}": n for k, n in enumerate(shards, 1)},
+                            after=rest, repeats=cfg.train.epochs - epoch - 1)
+        served = serve_phase(ctx, me, Kind.ACTIVATION, train_step, progress)
+        trained = time.perf_counter()
         serve_phase(ctx, me, Kind.EVAL_ACTIVATION, eval_step)
         for sends in me.replies.values():
             ctx.transport.wait(sends)
@@ -79,22 +94,27 @@ def run(ctx: Context, me: Server, writer: results.ResultsWriter, start: int = 0)
         reports = {k: ctx.world.recv(source=k, tag=Kind.REPORT) for k in range(1, ctx.clients + 1)}
         if me.audit:
             audit_epoch(ctx, me.audit, reports)
-        seconds = time.perf_counter() - start
+        ended = time.perf_counter()
+        seconds, rest = ended - began, ended - trained
         for k, report in reports.items():
             report.update(served[k])
-            ctx.log(f"epoch {epoch + 1}/{cfg.train.epochs} client {k}: "
-                    f"train loss {report['train_loss']:.4f} acc {report['train_accuracy']:.4f} "
-                    f"| test acc {report['test_accuracy']:.4f} (n={report['test_samples']}) "
-                    f"| {report['samples_per_s']:.0f} samples/s")
+            log.info(f"{title} client {k}: "
+                     f"train loss {report['train_loss']:.4f} acc {report['train_accuracy']:.4f} "
+                     f"| test acc {report['test_accuracy']:.4f} (n={report['test_samples']}) "
+                     f"| {report['samples_per_s']:.0f} samples/s")
+            log.debug(f"{title} client {k}: {report['batches_served']} batches served, "
+                      f"queue wait {report['queue_wait_seconds']:.1f} s, server busy "
+                      f"{report['server_busy_seconds']:.1f} s, train phase ended at "
+                      f"{report['phase_end_seconds']:.1f} s")
         writer.append_epoch(seconds, reports, ctx.transport.counters())
-        ctx.log(f"epoch {epoch + 1}/{cfg.train.epochs} done in {seconds:.1f} s")
+        log.info(f"{title} done in {seconds:.1f} s")
         stop = bool(ctx.stop.signal) or any(r["stop_requested"] for r in reports.values())
         every = cfg.train.checkpoint_every
         save = stop or (every > 0 and (epoch + 1) % every == 0)
         if checkpoint.boundary(ctx.world, cfg, epoch + 1, lambda: state(me), (save, stop)):
             writer.close()
-            ctx.log(f"stopped by a signal after epoch {epoch + 1}; rerun with "
-                    "train.resume=auto to go on")
+            log.info(f"stopped by a signal after epoch {epoch + 1}; rerun with "
+                     "train.resume=auto to go on")
             return True
     writer.finish()
     return False
@@ -107,13 +127,15 @@ def audit_epoch(ctx: Context, audit: ServerAudit, reports: dict[int, dict]) -> N
     for k, report in reports.items():
         found = ctx.world.recv(source=k, tag=Kind.AUDIT)
         report.update(found)
-        ctx.log(f"audit: client {k}: {found['messages_checked']} messages checked, "
-                f"{found['input_matches']} carried raw inputs, "
-                f"{found['label_matches']} carried labels")
+        log.info(f"audit: client {k}: {found['messages_checked']} messages checked, "
+                 f"{found['input_matches']} carried raw inputs, "
+                 f"{found['label_matches']} carried labels")
 
 
-def serve_phase(ctx: Context, me: Server, kind: Kind, step) -> dict[int, dict]:
-    """Serve requests on ``kind`` in schedule order until every client has ended the phase."""
+def serve_phase(ctx: Context, me: Server, kind: Kind, step,
+                progress: Progress | None = None) -> dict[int, dict]:
+    """Serve requests on ``kind`` in schedule order until every client has ended the phase;
+    each request served counts its samples into ``progress``."""
     active = list(range(1, ctx.clients + 1))
     stats = defaultdict(lambda: {"batches_served": 0, "queue_wait_seconds": 0.0,
                                  "server_busy_seconds": 0.0, "phase_end_seconds": 0.0})
@@ -132,9 +154,8 @@ def serve_phase(ctx: Context, me: Server, kind: Kind, step) -> dict[int, dict]:
         s["batches_served"] += 1
         s["queue_wait_seconds"] += began - waited
         s["server_busy_seconds"] += time.perf_counter() - began
-        every = ctx.cfg.train.log_every
-        if every and kind == Kind.ACTIVATION and s["batches_served"] % every == 0:
-            ctx.log(f"client {k}: {s['batches_served']} batches served")
+        if progress is not None:
+            progress.update(a.shape[0], f"client {k}")
     return {k: stats[k] for k in range(1, ctx.clients + 1)}
 
 

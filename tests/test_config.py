@@ -31,6 +31,14 @@ def test_round_trip_through_json():
     assert config.from_json(cfg.to_json()) == cfg
 
 
+def test_yaml_is_one_key_a_line_and_reads_back(tmp_path):
+    cfg = config.load(None, ["train.epochs=4", "data.partition=[[0,1],[2]]"])
+    text = cfg.to_yaml()
+    assert "\n  epochs: 4\n" in text and "\ntrain:\n" in text
+    (tmp_path / "c.yaml").write_text(text)
+    assert config.load(str(tmp_path / "c.yaml")) == cfg
+
+
 @pytest.mark.parametrize("override, words", [
     ("train.epoch=3", ["unknown config key 'train.epoch'", "train.epochs"]),
     ("nosuch=1", ["unknown config key 'nosuch'"]),
@@ -48,6 +56,7 @@ def test_round_trip_through_json():
     ("split.bn_recalibrate_batches=0", ["split.bn_recalibrate_batches=0 must be at least 1"]),
     ("comm.wait=busy", ["comm.wait='busy' is not supported", "auto, spin, sleep"]),
     ("train.momentum=-1", ["train.momentum=-1.0 must be at least 0"]),
+    ("train.log_seconds=-5", ["train.log_seconds=-5.0 must be at least 0"]),
     ("defense.dropout=1", ["defense.dropout=1.0", "below 1"]),
     ("attack.method=gan", ["attack.method='gan' is not supported", "decoder, rmle, both"]),
     ("attack.aux=mine", ["attack.aux='mine' is not supported", "train, others"]),

@@ -3,6 +3,7 @@ exception on any rank aborts every rank quickly with that rank's traceback."""
 import time
 
 import pytest
+import torch
 
 import mpirun
 
@@ -16,6 +17,8 @@ import mpirun
     (2, ["data.name=mnist", "data.root=nowhere"], ["train-images-idx3-ubyte", "nowhere"]),
     (2, ["data.name=cifar10", "data.root=nowhere"], ["cifar-10-batches-py"]),
     (2, ["-c", "missing.yaml"], ["missing.yaml not found"]),
+    pytest.param(2, ["train.device=cuda"], ["train.device=cuda but no CUDA device"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
 ])
 def test_bad_input_exits_2_with_one_message(tmp_path, n, args, words):
     proc = mpirun.run(n, *args, cwd=tmp_path, timeout=120)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from mpirun import ROOT, env
 from splitmpi import reader
 
 SWEEP = ROOT / "jobs" / "sweep.py"
+STAMP = re.compile(r"\[\d\d:\d\d:\d\d\] (WARNING: )?")
 # tiny synthetic cells (mpirun.TINY sizes, one epoch, no loader workers, 2 clients)
 TINY = ["data.name=synthetic", "data.train_size=300", "data.test_size=120",
         "data.image_size=16", "train.batch_size=25", "train.epochs=1", "data.workers=0",
@@ -23,8 +25,11 @@ def sweep(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def lines(proc, word: str) -> list[str]:
-    return [line for line in proc.stdout.splitlines() if line.startswith(f"sweep: {word}")]
+def lines(proc, word: str, stream: str = "stdout") -> list[str]:
+    """The sweep's own log lines that start with ``word``, less their time stamp."""
+    told = (STAMP.sub("", line, count=1) for line in getattr(proc, stream).splitlines()
+            if STAMP.match(line))
+    return [line for line in told if line.startswith(f"sweep: {word}")]
 
 
 def test_table1_cells(tmp_path):
@@ -104,7 +109,8 @@ def test_local_sweep_skips_finished_and_reruns_unfinished(tmp_path):
     # all finished: nothing runs; a changed setting is pointed out, not silently mixed in
     third = sweep(*args[:-len(TINY)], *TINY[:-3], "train.epochs=2", *TINY[-2:])
     assert third.returncode == 0 and len(lines(third, "skip")) == 2
-    assert "train.epochs: 1 in the file, 2 now" in third.stdout
+    changed = lines(third, "", "stderr")
+    assert len(changed) == 2 and "train.epochs: 1 in the file, 2 now" in changed[0]
     assert {c: p.stat().st_mtime_ns for c, p in files.items()}["cut1"] == mtimes["cut1"]
 
 

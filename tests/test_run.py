@@ -1,5 +1,6 @@
 """End to end: real mpiexec jobs, results read back from the HDF5 file by this process."""
 import json
+import re
 
 import h5py
 import numpy as np
@@ -71,6 +72,34 @@ def test_default_run_learns(tmp_path):
         assert acc > max(0.6, 2 * chance), (k, acc)
         assert run.clients[k]["train_loss"][-1] < run.clients[k]["train_loss"][0]
     assert proc.stdout.count("epoch 5/5 client") == 3  # one log line per client per epoch
+
+
+def test_progress_lines_and_the_config_at_startup(tmp_path):
+    """Rank 0 tells how far each epoch is (here every 2 steps served), the ETA of the
+    run counting the epochs still to come; the config comes as YAML, one key a line."""
+    proc = mpirun.ok(3, *mpirun.TINY, "train.log_every=2", "output=out.h5", cwd=tmp_path)
+    assert "] config:\ndata:\n  name: synthetic\n" in proc.stdout
+    when = r"\d+:\d\d:\d\d"
+    lines = re.findall(rf"^\[\d\d:\d\d:\d\d rank 0\] epoch (\d)/2: (\d+)/300 samples "
+                       rf"\(client 1 (\d+)/(\d+), client 2 (\d+)/(\d+)\), [\d.]+ samples/s, "
+                       rf"elapsed {when}, ETA ({when}), run ETA ({when})$", proc.stdout, re.M)
+    assert {line[0] for line in lines} == {"1", "2"}, proc.stdout
+    for epoch, done, one, one_total, two, two_total, eta, run_eta in lines:
+        assert int(one_total) + int(two_total) == 300  # each client's shard, sent at start
+        assert int(done) == int(one) + int(two) and int(done) % 50 == 0  # 2 steps of 25
+        assert epoch == "1" or eta == run_eta  # the last epoch: nothing after it
+    assert proc.stderr == ""
+
+
+def test_quiet_and_verbose(tmp_path):
+    quiet = mpirun.ok(3, "--quiet", *mpirun.TINY, "train.epochs=1", "output=q.h5",
+                      cwd=tmp_path)
+    assert quiet.stdout == "" and quiet.stderr == ""
+    verbose = mpirun.ok(3, "-v", *mpirun.TINY, "train.epochs=1", "output=v.h5", cwd=tmp_path)
+    for k in (1, 2):  # every rank's INFO lines, and rank 0's DEBUG lines
+        assert re.search(rf"^\[\S+ rank {k}\] client {k} on cpu, \d+ torch threads",
+                         verbose.stdout, re.M), verbose.stdout
+        assert f"rank 0] epoch 1/1 client {k}: 6 batches served" in verbose.stdout
 
 
 def test_same_seed_same_numbers(tmp_path):

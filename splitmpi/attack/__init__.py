@@ -16,10 +16,3 @@ The report reads the written groups back with h5py alone (``splitmpi.report.atta
 post-processing imports nothing of this package but for the ``--wire`` figure;
 docs/privacy.md has the details.
 """
-import time
-
-
-def log(message: str) -> None:
-    """A progress line with the time, in the training run's format: an attack's training
-    and optimisation loops run for minutes and say how far they are."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import time
 from pathlib import Path
@@ -16,16 +17,17 @@ import numpy as np
 import torch
 
 from .. import config as config_mod
-from .. import data
+from .. import data, logs
 from ..config import Config
 from ..errors import ConfigError
 from ..runtime import node_cores, pick_device, pick_threads
-from . import log
 from .decoder import decoder_attack
 from .images import attack_images
 from .output import check_output, now, output_path, write
 from .rmle import rmle_attack
 from .target import describe_defense, feature_rms, get_target, observe
+
+log = logging.getLogger(__name__)
 
 METHODS = ("decoder", "rmle")
 
@@ -48,14 +50,14 @@ def run(cfg: Config) -> Path:
     started = now()
     t0 = time.perf_counter()
     target = get_target(cfg, device)
-    log(f"target: {cfg.model.arch} cut {cfg.model.cut}, defense {describe_defense(cfg)}, "
-        f"utility (client 1 test accuracy) {target.accuracy:.4f}")
+    log.info(f"target: {cfg.model.arch} cut {cfg.model.cut}, defense {describe_defense(cfg)}, "
+             f"utility (client 1 test accuracy) {target.accuracy:.4f}")
     aux, evaluated, aux_source, eval_source = attack_images(cfg)
     methods = METHODS if cfg.attack.method == "both" else (cfg.attack.method,)
     path = output_path(cfg)
     for method in methods:
         t1 = time.perf_counter()
-        log(f"{method} attack: {eval_source}; aux: {aux_source}")
+        log.info(f"{method} attack: {eval_source}; aux: {aux_source}")
         if method == "decoder":
             result = decoder_attack(cfg, target, aux, evaluated, device)
         else:
@@ -87,11 +89,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help="YAML config file (default: the built-in defaults)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. model.cut=1 attack.method=rmle")
+    logs.add_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    logs.setup(verbosity=args.verbosity)
     try:
         cfg = config_mod.load(args.config, args.overrides)
         validate(cfg)

@@ -8,6 +8,7 @@ defense in eval mode (noise on, dropout off), fresh noise per use.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -16,8 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from . import log, metrics
+from ..logs import Pace, Progress
+from . import metrics
 from .target import Target, observe
+
+log = logging.getLogger(__name__)
 
 
 class FitTo(nn.Module):
@@ -95,6 +99,8 @@ def decoder_attack(cfg: Config, target: Target, aux: torch.Tensor, evaluated: to
     for epoch in range(a.epochs):
         decoder.train()
         loss_sum = 0.0
+        progress = Progress(log, f"  decoder epoch {epoch + 1}/{a.epochs}", len(aux), "images",
+                            Pace.of(cfg.train), repeats=a.epochs - epoch - 1)
         for idx in torch.randperm(len(aux), generator=order).split(a.batch_size):
             if len(idx) < 2 and len(aux) >= 2:
                 continue  # BatchNorm needs two samples
@@ -104,12 +110,13 @@ def decoder_attack(cfg: Config, target: Target, aux: torch.Tensor, evaluated: to
             loss.backward()
             opt.step()
             loss_sum += loss.item() * len(idx)
+            progress.update(len(idx))
         history.append(loss_sum / len(aux))
         recon = _decode(decoder, observed)
         eval_history.append(float(metrics.mse(metrics.to_unit(evaluated),
                                               metrics.to_unit(recon.cpu())).mean()))
-        log(f"  decoder epoch {epoch + 1}/{a.epochs}: aux loss {history[-1]:.5f}, "
-            f"evaluated MSE [0,1] {eval_history[-1]:.5f}")
+        log.info(f"  decoder epoch {epoch + 1}/{a.epochs}: aux loss {history[-1]:.5f}, "
+                 f"evaluated MSE [0,1] {eval_history[-1]:.5f}")
     recon = _decode(decoder, observed)
     return {"reconstruction": recon.cpu(),
             "series": {"train_loss": np.asarray(history, dtype=np.float64),

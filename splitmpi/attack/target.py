@@ -13,6 +13,7 @@ defense in eval mode (noise on, dropout off).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from .. import data, models
 from ..config import Config
 from ..defense import Defense
 from ..errors import ConfigError
-from . import log
+from ..logs import Pace, Progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -132,14 +135,17 @@ def train_split_model(cfg: Config, device: torch.device) -> tuple[models.SplitMo
     opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
                           weight_decay=cfg.train.weight_decay)
     torch.manual_seed(cfg.train.seed * 1000 + 1)
-    log(f"training {cfg.model.arch} cut {cfg.model.cut} on client 1 of {clients} "
-        f"(classes {classes}, {len(train_loader.dataset)} images), defense "
-        f"{describe_defense(cfg)}")
+    log.info(f"training {cfg.model.arch} cut {cfg.model.cut} on client 1 of {clients} "
+             f"(classes {classes}, {len(train_loader.dataset)} images), defense "
+             f"{describe_defense(cfg)}")
     acc = float("nan")
     for epoch in range(cfg.train.epochs):
         for m in (*modules, defense):
             m.train()
         loss_sum = seen = 0
+        progress = Progress(log, f"  epoch {epoch + 1}/{cfg.train.epochs}",
+                            len(train_loader.dataset), "samples", Pace.of(cfg.train),
+                            repeats=cfg.train.epochs - epoch - 1)
         for x, y in train_loader:
             x, y = x.to(device), y.to(device)
             a = parts.extractor(x)
@@ -150,9 +156,10 @@ def train_split_model(cfg: Config, device: torch.device) -> tuple[models.SplitMo
             total.backward()
             opt.step()
             loss_sum, seen = loss_sum + loss.item() * len(y), seen + len(y)
+            progress.update(len(y))
         acc = accuracy(parts, defense, test_loader, device)
-        log(f"  epoch {epoch + 1}/{cfg.train.epochs}: train loss {loss_sum / max(seen, 1):.4f}"
-            f", test accuracy {acc:.4f}")
+        log.info(f"  epoch {epoch + 1}/{cfg.train.epochs}: train loss "
+                 f"{loss_sum / max(seen, 1):.4f}, test accuracy {acc:.4f}")
     return parts, defense, acc
 
 
@@ -177,7 +184,7 @@ def get_target(cfg: Config, device: torch.device) -> Target:
                                   "cloud": parts.cloud.state_dict(),
                                   "classifier": parts.classifier.state_dict()},
                         "test_accuracy": acc, "config": cfg.to_json()}, cfg.attack.save)
-            log(f"saved the trained model to {cfg.attack.save}")
+            log.info(f"saved the trained model to {cfg.attack.save}")
         source = f"trained here: {cfg.train.epochs} epochs on client 1 of {clients_for(cfg)}"
         freeze([parts.extractor, defense])
         return Target(parts.extractor, defense, acc, source)

@@ -6,11 +6,15 @@ extractor of every cut; times are the slowest client's.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from mpi4py import MPI
 
 from .. import config, models, sharing
+from ..logs import Progress
 from .harness import (
+    PACE,
     BenchError,
     MiB,
     device_for,
@@ -22,6 +26,8 @@ from .harness import (
 )
 
 TAG_ROWS = 103  # rank 1, which measured, sends its rows to rank 0, which writes
+
+log = logging.getLogger(__name__)
 
 
 def run(world: MPI.Comm, args) -> dict:
@@ -46,13 +52,15 @@ def run(world: MPI.Comm, args) -> dict:
     rows = []
     if rank == 0:
         quiet_barrier(world)
-    else:
+    else:  # the clients measure: their progress lines show under -v
+        progress = Progress(log, "allreduce", len(cases), "extractors", PACE)
         for arch, cut in cases:
             parts = models.build(config.ModelConfig(arch, cut), 3, image_size, 10, 0)
             extractor = parts.extractor.to(where)
             n = sum(t.numel() for t in sharing.shared_tensors(extractor))
             if n == 0:
                 rows.append({"arch": arch, "cut": str(cut), "floats": 0})
+                progress.update(1)
                 continue
             buffer = np.ones(n, dtype=np.float32)
             iters = 1 if args.smoke else max(2, min(200, (256 * MiB) // (4 * n)))
@@ -75,6 +83,7 @@ def run(world: MPI.Comm, args) -> dict:
                          "ratio": paired_ratio(times["raw"], times["average_extractor"]),
                          "raw_gbps": 4 * n / raw_ms / 1e6,
                          "average_gbps": 4 * n / avg_ms / 1e6, "seconds": times})
+            progress.update(1)
         quiet_barrier(world)
         clients_comm.Free()
     # rank 1 measured; rank 0 writes

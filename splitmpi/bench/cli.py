@@ -1,19 +1,21 @@
 """The command: ``[mpiexec -n N] python -m splitmpi.bench NAME [options]``.
 
 Each benchmark is the module of its name here, with ``run(world, args)``. Rank 0 prints the
-table and the ratio line and saves the JSON; a rank's uncaught exception aborts the job, as
-in a training run.
+table and the ratio line (the output) and saves the JSON; progress is logged
+(``splitmpi.logs``); a rank's uncaught exception aborts the job, as in a training run.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 from mpi4py import MPI
 
+from .. import logs
 from ..cli import abort_on_exception
 from ..errors import ConfigError
 from . import allreduce, train, transport
@@ -22,6 +24,8 @@ from .harness import BenchError, environment
 BENCHES = {"allreduce": allreduce.run, "train": train.run, "transport": transport.run}
 ALL_SCHEDULES = ("round_robin", "sequential", "fifo")
 DEFAULT_REPEATS = {"transport": 7, "allreduce": 7, "train": 3}
+
+log = logging.getLogger(__name__)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-aware", action="store_true",
                    help="transport/train: hand CUDA memory to MPI (comm.gpu_aware=true); "
                         "only for a CUDA-aware MPI")
+    logs.add_arguments(p)
     return p
 
 
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if rank != 0:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    logs.setup(rank, args.verbosity)
     args.repeats = args.repeats or DEFAULT_REPEATS[args.name]
     if args.arch is None:
         args.arch = "cnn5" if args.smoke and args.name == "train" else "cnn5,resnet50"
@@ -96,6 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"benchmark": args.name, "smoke": args.smoke, **env,
            **{k: v for k, v in result.items() if k != "table"}}
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    print(f"saved {path}", flush=True)
+    log.info(f"saved {path}")
     return 0
 

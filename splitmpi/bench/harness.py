@@ -20,9 +20,12 @@ import torch
 from mpi4py import MPI
 
 from .. import __version__
+from ..config import TrainConfig
+from ..logs import Pace
 from ..runtime import node_cores
 
 KiB, MiB = 1024, 1024 * 1024
+PACE = Pace(seconds=TrainConfig.log_seconds)  # progress lines as often as a run's default
 
 
 class BenchError(Exception):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import tempfile
 import time
@@ -18,8 +19,10 @@ import torch
 from mpi4py import MPI
 
 from .. import client, config, data, models, results, schedule, server
+from ..logs import Progress
 from ..runtime import make_context
 from .harness import (
+    PACE,
     BenchError,
     device_for,
     format_table,
@@ -33,6 +36,8 @@ from .harness import (
 # per client and epoch; resnet50 at 32 px runs ~10 samples/s on one core
 TRAIN_DEFAULTS = {"cnn5": {"batches": 16, "batch_size": 32},
                   "resnet50": {"batches": 3, "batch_size": 4}}
+
+log = logging.getLogger(__name__)
 
 
 class Monolithic:
@@ -97,7 +102,7 @@ def _split_run(ctx, me, policy: str, path: Path) -> tuple[int, float]:
         ctx.cfg.output = str(path)
         writer = results.ResultsWriter(ctx.cfg, world.Get_size(), ctx.clients)
         world.Barrier()
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()):  # the run's own lines (logs._Console)
             server.run(ctx, me, writer)
     else:
         world.Barrier()
@@ -130,6 +135,8 @@ def run(world: MPI.Comm, args) -> dict:
     schedules = args.schedules.split(",")
     rows, settings = [], {}
     folder = Path(tempfile.mkdtemp(prefix="splitmpi-bench-")) if rank == 0 else None
+    progress = Progress(log, "train", len(archs) * (warmup + repeats) * (1 + len(schedules)),
+                        "epochs", PACE)
     for arch in archs:
         cut = args.cut or {"cnn5": 2, "resnet50": "layer2"}[arch]
         cfg = _train_config(arch, cut, clients, args)
@@ -153,6 +160,7 @@ def run(world: MPI.Comm, args) -> dict:
                     got = _split_run(ctx, me, variant, path)
                 if rep >= 0 and rank == 0:
                     measured[variant].append(got[0] / got[1])
+                progress.update(1)
         if rank == 0:
             for variant in variants:
                 rows.append({"arch": arch, "cut": str(cut), "clients": clients,

@@ -13,12 +13,16 @@ time; ratio = splitmpi / raw throughput, the median of the per-repeat ratios.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from mpi4py import MPI
 
+from ..logs import Progress
 from ..transport import Kind, Transport
 from .harness import (
+    PACE,
     BenchError,
     KiB,
     MiB,
@@ -35,6 +39,8 @@ TRANSPORT_SIZES = [4 * KiB * 4 ** i for i in range(8)]  # 4 KiB .. 64 MiB
 PICKLE_SIZES = [64 * KiB, 1 * MiB, 16 * MiB]
 SMOKE_SIZES = [4 * KiB, 1 * MiB]
 TAG_RAW, TAG_PICKLE = 101, 102
+
+log = logging.getLogger(__name__)
 
 
 def _iterations(nbytes: int, smoke: bool) -> int:
@@ -61,6 +67,7 @@ def run(world: MPI.Comm, args) -> dict:
         return {}
     transport = Transport(world, gpu_aware=args.gpu_aware)
     peer = 1 - rank
+    progress = Progress(log, "transport", len(sizes), "sizes", PACE)
     for nbytes in sizes:
         n = nbytes // 4
         iters = _iterations(nbytes, args.smoke)
@@ -111,6 +118,7 @@ def run(world: MPI.Comm, args) -> dict:
                          "raw_us": median(times["raw"]) / iters / 2 * 1e6,
                          "splitmpi_us": median(times["splitmpi"]) / iters / 2 * 1e6,
                          "seconds": times})
+        progress.update(1)
     pair.Free()
     quiet_barrier(world)
     if rank != 0:
