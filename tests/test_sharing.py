@@ -78,7 +78,7 @@ def test_shared_tensors_by_mode():
 # --- ResNet-50 (BatchNorm) on class-block clients, the papers' table 1 setting ------------
 
 RESNET = ("data.name=mnist", "model.arch=resnet50", "model.cut=layer2", "data.image_size=16",
-          "train.epochs=3", "train.checkpoint_every=3")
+          "train.epochs=3", "train.checkpoint_every=3", "train.threads=1")
 
 
 @pytest.fixture(scope="module")
