@@ -33,14 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script: import the splitmpi beside this file
-    sys.path.insert(0, str(ROOT))
-
-from splitmpi import config as splitconfig  # noqa: E402
-from splitmpi import logs, reader  # noqa: E402
-from splitmpi.errors import ConfigError  # noqa: E402
-from splitmpi.report.attacks import attack_tables  # noqa: E402
+from splitmpi import config as splitconfig
+from splitmpi import logs, reader
+from splitmpi.errors import ConfigError
+from splitmpi.report.attacks import attack_tables
 
 log = logging.getLogger("splitmpi.jobs.privacy_sweep")
 
@@ -150,10 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
         with open(out / f"{name}.log", "w") as cell_log:
-            rc = subprocess.call(cmd, stdout=cell_log, stderr=subprocess.STDOUT, env=env)
+            rc = subprocess.call(cmd, stdout=cell_log, stderr=subprocess.STDOUT)
         status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {out / name}.log)"
         log.info(f"[{i}/{len(todo)}] {name}: {status} in {time.perf_counter() - start:.0f} s")
         if rc != 0:

@@ -45,15 +45,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script: import the splitmpi beside this file
-    sys.path.insert(0, str(ROOT))
-
-from splitmpi import config as splitconfig  # noqa: E402
-from splitmpi import logs, reader  # noqa: E402
-from splitmpi.errors import ConfigError  # noqa: E402
+from splitmpi import config as splitconfig
+from splitmpi import logs, reader
+from splitmpi.errors import ConfigError
 
 log = logging.getLogger("splitmpi.jobs.sweep")
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository: its configs/ and slurm/
 
 CONFIGS = ROOT / "configs"
 ARRAY_SCRIPT = ROOT / "slurm" / "sweep_array.sh"
@@ -61,6 +59,7 @@ ARRAY_SCRIPT = ROOT / "slurm" / "sweep_array.sh"
 
 @dataclass
 class Cell:
+    """One run of the sweep: one cell of the paper's table (one config and overrides)."""
     name: str
     config: str  # absolute path of the YAML file
     overrides: list[str] = field(default_factory=list)  # the cell's own, then the extras
@@ -177,12 +176,6 @@ def command(cell: Cell, ranks: int, launcher: str, python: str, mpiexec: str) ->
                     f"output={cell.output}"]
 
 
-def child_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return env
-
-
 def run_cell(cell: Cell, ranks: int, args, to_log: bool = True) -> int:
     """Run one cell unless it is finished. Its output goes to <cell>.log beside its results
     (``to_log``) or to this process's own stdout (array tasks: the Slurm .out). Exit code."""
@@ -203,7 +196,7 @@ def run_cell(cell: Cell, ranks: int, args, to_log: bool = True) -> int:
         sink.write(f"# {datetime.datetime.now().isoformat(timespec='seconds')} "
                    f"{shlex.join(cmd)}\n")
         sink.flush()
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=child_env(),
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             rc = proc.wait(timeout=args.timeout)
@@ -251,7 +244,7 @@ def submit(table: str, todo: list[Cell], ranks: int, results: Path, args) -> int
     cells_file.parent.mkdir(parents=True, exist_ok=True)
     cells_file.write_text(json.dumps({"table": table, "ranks": ranks,
                                       "cells": [asdict(c) for c in todo]}, indent=1) + "\n")
-    env = child_env()
+    env = dict(os.environ)
     env.setdefault("PYTHON", args.python)  # array tasks run this same Python
     env["SPLITMPI_HOME"] = str(ROOT)
     say(f"wrote {cells_file} ({len(todo)} cells); " + shlex.join(cmd))

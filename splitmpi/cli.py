@@ -104,19 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     folder = world.bcast(agree(world, lambda: checkpoint.locate(cfg) if rank == 0 else None))
     start = checkpoint.epochs_of(folder) if folder else None
     saved = agree(world, lambda: checkpoint.load(folder, cfg, world) if folder else None)
-    me = agree(world, lambda: server.prepare(ctx, start) if ctx.is_server
-               else client.prepare(ctx))
+    role = agree(world, lambda: server.prepare(ctx, start) if ctx.is_server
+                 else client.prepare(ctx))
     if saved:
-        (server if ctx.is_server else client).restore(me, saved["state"])
+        (server if ctx.is_server else client).restore(role, saved["state"])
     if ctx.is_server:
         log.info(f"splitmpi: {clients} clients, world size {world.Get_size()}, "
                  f"device {ctx.device}, output {cfg.output}"
                  + (f", resuming after epoch {start} from {folder}" if folder else ""))
         log.info("config:\n" + cfg.to_yaml().rstrip())
         writer = ResultsWriter(cfg, world.Get_size(), clients, start)
-        stopped = server.run(ctx, me, writer, start or 0)
+        stopped = server.run(ctx, role, writer, start or 0)
     else:
-        stopped = client.run(ctx, me, start or 0)
+        stopped = client.run(ctx, role, start or 0)
     return STOPPED if stopped else 0
 
 

@@ -50,7 +50,7 @@ def prepare(ctx: Context) -> Client:
     """Everything that can fail on bad input, before any message is exchanged."""
     cfg = ctx.cfg
     data.check_available(cfg.data)
-    train_loader, test_loader, classes = data.client_loaders(cfg, ctx.rank, ctx.clients)
+    train_loader, test_loader, classes = data.client_loaders(cfg, ctx.rank, ctx.client_count)
     parts = models.for_run(cfg)
     extractor = parts.extractor.to(ctx.device)
     classifier = parts.classifier.to(ctx.device) if cfg.split.topology == "u_shape" else None
@@ -61,52 +61,52 @@ def prepare(ctx: Context) -> Client:
                   test_loader, classes, audit)
 
 
-def state(me: Client) -> dict:
-    return {"extractor": me.extractor.state_dict(),
-            "classifier": me.classifier.state_dict() if me.classifier is not None else {},
-            "optimizer": me.optimizer.state_dict() if me.optimizer is not None else {},
-            "data_order": me.train_loader.generator.get_state(),
+def state(client: Client) -> dict:
+    return {"extractor": client.extractor.state_dict(),
+            "classifier": client.classifier.state_dict() if client.classifier is not None else {},
+            "optimizer": client.optimizer.state_dict() if client.optimizer is not None else {},
+            "data_order": client.train_loader.generator.get_state(),
             "rng": checkpoint.rng_state()}
 
 
-def restore(me: Client, saved: dict) -> None:
-    me.extractor.load_state_dict(saved["extractor"])
-    if me.classifier is not None:
-        me.classifier.load_state_dict(saved["classifier"])
-    if me.optimizer is not None:
-        me.optimizer.load_state_dict(saved["optimizer"])
-    me.train_loader.generator.set_state(saved["data_order"])
+def restore(client: Client, saved: dict) -> None:
+    client.extractor.load_state_dict(saved["extractor"])
+    if client.classifier is not None:
+        client.classifier.load_state_dict(saved["classifier"])
+    if client.optimizer is not None:
+        client.optimizer.load_state_dict(saved["optimizer"])
+    client.train_loader.generator.set_state(saved["data_order"])
     checkpoint.set_rng_state(saved["rng"])
 
 
-def run(ctx: Context, me: Client, start: int = 0) -> bool:
+def run(ctx: Context, client: Client, start: int = 0) -> bool:
     """Epochs ``start``.. to the end; True when a signal stopped the run after a checkpoint."""
-    ctx.world.gather(len(me.train_loader.dataset), root=SERVER)  # for the server's progress
+    ctx.world.gather(len(client.train_loader.dataset), root=SERVER)  # for the server's progress
     for epoch in range(start, ctx.cfg.train.epochs):
-        train = train_epoch(ctx, me)
-        shared_bytes = share(ctx, me, epoch) if ctx.cfg.split.share else 0
-        test = evaluate(ctx, me)
-        report = {"epoch": epoch, "classes": me.classes, **train, **test,
+        train = train_epoch(ctx, client)
+        shared_bytes = share(ctx, client, epoch) if ctx.cfg.split.share else 0
+        test = evaluate(ctx, client)
+        report = {"epoch": epoch, "classes": client.classes, **train, **test,
                   "share_bytes": shared_bytes, "stop_requested": bool(ctx.stop.signal),
                   **ctx.transport.counters()}
         ctx.world.send(report, dest=SERVER, tag=Kind.REPORT)
-        if me.audit:
+        if client.audit:
             received = ctx.world.recv(source=SERVER, tag=Kind.AUDIT)
-            ctx.world.send(me.audit.check(received), dest=SERVER, tag=Kind.AUDIT)
-        if checkpoint.boundary(ctx.world, ctx.cfg, epoch + 1, lambda: state(me)):
+            ctx.world.send(client.audit.check(received), dest=SERVER, tag=Kind.AUDIT)
+        if checkpoint.boundary(ctx.world, ctx.cfg, epoch + 1, lambda: state(client)):
             return True
     return False
 
 
-def share(ctx: Context, me: Client, epoch: int) -> int:
+def share(ctx: Context, client: Client, epoch: int) -> int:
     """Average the extractors over the clients (``split.share_bn`` says what happens to
     BatchNorm); returns the bytes reduced."""
     split = ctx.cfg.split
-    reduced = sharing.average_extractor(me.extractor, ctx.clients_comm, split.share_bn)
+    reduced = sharing.average_extractor(client.extractor, ctx.clients_comm, split.share_bn)
     if split.share_bn == "recalibrate":
-        sample = data.sample_loader(me.train_loader, ctx.cfg.train.seed, ctx.rank, epoch)
+        sample = data.sample_loader(client.train_loader, ctx.cfg.train.seed, ctx.rank, epoch)
         with ctx.autocast():
-            sharing.recalibrate(me.extractor, (x.to(ctx.device, non_blocking=True)
+            sharing.recalibrate(client.extractor, (x.to(ctx.device, non_blocking=True)
                                                for x, _ in sample),
                                 split.bn_recalibrate_batches)
     return reduced
@@ -118,24 +118,24 @@ def _end_phase(ctx: Context, kind: Kind, like: torch.Tensor | None) -> None:
     ctx.transport.send(torch.empty(shape), SERVER, kind)
 
 
-def train_epoch(ctx: Context, me: Client) -> dict:
+def train_epoch(ctx: Context, client: Client) -> dict:
     """One pass over the shard. The next batch is loaded while the server works on the
     current one (prefetch only: every step still uses the weights of the step before)."""
-    me.extractor.train()
-    me.defense.train()
-    if me.classifier is not None:
-        me.classifier.train()
+    client.extractor.train()
+    client.defense.train()
+    if client.classifier is not None:
+        client.classifier.train()
     loss_sum, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    batches = iter(me.train_loader)
+    batches = iter(client.train_loader)
     batch = next(batches, None)
     while batch is not None:
         x, y = batch
-        if me.audit:
-            me.audit.see(x, y)
-        step, sends = _send_activation(ctx, me, x, y)
+        if client.audit:
+            client.audit.see(x, y)
+        step, sends = _send_activation(ctx, client, x, y)
         batch = next(batches, None)  # overlaps the server's forward
-        batch_loss, batch_correct = _finish_step(ctx, me, step, sends)
+        batch_loss, batch_correct = _finish_step(ctx, client, step, sends)
         loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(y)
     seconds = time.perf_counter() - start
     _end_phase(ctx, Kind.ACTIVATION, step.sent if seen else None)
@@ -151,35 +151,35 @@ def _delay(ctx: Context) -> None:
         time.sleep(delays[ctx.rank - 1] / 1000)
 
 
-def _send_activation(ctx: Context, me: Client, x: torch.Tensor, y: torch.Tensor):
+def _send_activation(ctx: Context, client: Client, x: torch.Tensor, y: torch.Tensor):
     """Extractor forward, defense, send (with labels in label_sharing). Returns the step
     so far and the requests in flight."""
     dev = ctx.device
     x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-    if me.optimizer is not None:
-        me.optimizer.zero_grad(set_to_none=True)
+    if client.optimizer is not None:
+        client.optimizer.zero_grad(set_to_none=True)
     with ctx.autocast():
-        a = me.extractor(x)
-        sent = me.defense(a)
-        penalty = me.defense.penalty(x, a)
+        a = client.extractor(x)
+        sent = client.defense(a)
+        penalty = client.defense.penalty(x, a)
     _delay(ctx)
     sends = ctx.transport.isend(sent, SERVER, Kind.ACTIVATION)
-    if me.classifier is None:  # label_sharing: the server computes the loss
+    if client.classifier is None:  # label_sharing: the server computes the loss
         sends += ctx.transport.isend(y, SERVER, Kind.LABELS)
     return Step(y, sent, penalty), sends
 
 
-def _finish_step(ctx: Context, me: Client, step: Step, sends: list):
+def _finish_step(ctx: Context, client: Client, step: Step, sends: list):
     """The rest of the step: loss (here or on the server), backward, optimizer step."""
     t, dev = ctx.transport, ctx.device
     y, sent, penalty = step
-    if me.classifier is None:
+    if client.classifier is None:
         stats = t.recv(SERVER, Kind.LOSS)
         batch_loss, batch_correct = float(stats[0]), int(stats[1])
     else:
         h = t.recv(SERVER, Kind.FEATURES, dev).requires_grad_()
         with ctx.autocast():
-            logits = me.classifier(h)
+            logits = client.classifier(h)
             loss = nn.functional.cross_entropy(logits.float(), y)
         loss.backward()
         t.wait(sends)
@@ -190,47 +190,47 @@ def _finish_step(ctx: Context, me: Client, step: Step, sends: list):
         grad = t.recv(SERVER, Kind.ACTIVATION_GRAD, dev, sent.dtype)
         extra = [] if penalty is None else [penalty]
         torch.autograd.backward([sent] + extra, [grad] + [None] * len(extra))
-    if me.optimizer is not None:
-        me.optimizer.step()
+    if client.optimizer is not None:
+        client.optimizer.step()
     t.wait(sends)
     return batch_loss, batch_correct
 
 
 @torch.no_grad()
-def evaluate(ctx: Context, me: Client) -> dict:
+def evaluate(ctx: Context, client: Client) -> dict:
     """One pass over the test split. The next batch's extractor forward overlaps the
     server's work on the current one: no weights change while evaluating, so the numbers
     are exactly those of one batch at a time."""
-    me.extractor.eval()
-    me.defense.eval()
-    if me.classifier is not None:
-        me.classifier.eval()
+    client.extractor.eval()
+    client.defense.eval()
+    if client.classifier is not None:
+        client.classifier.eval()
     totals = {"loss": 0.0, "correct": 0, "seen": 0}
     a, waiting = None, None
-    for x, y in me.test_loader:
-        if me.audit:
-            me.audit.see(x, y)
+    for x, y in client.test_loader:
+        if client.audit:
+            client.audit.see(x, y)
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         with ctx.autocast():
-            a = me.defense(me.extractor(x))
+            a = client.defense(client.extractor(x))
         _delay(ctx)
         sends = ctx.transport.isend(a, SERVER, Kind.EVAL_ACTIVATION)
         if waiting:
-            _score(ctx, me, *waiting, totals)
+            _score(ctx, client, *waiting, totals)
         waiting = y, sends
     if waiting:
-        _score(ctx, me, *waiting, totals)
+        _score(ctx, client, *waiting, totals)
     _end_phase(ctx, Kind.EVAL_ACTIVATION, a)
     seen = totals["seen"]
     return {"test_loss": totals["loss"] / max(seen, 1),
             "test_accuracy": totals["correct"] / max(seen, 1), "test_samples": seen}
 
 
-def _score(ctx: Context, me: Client, y: torch.Tensor, sends: list, totals: dict) -> None:
+def _score(ctx: Context, client: Client, y: torch.Tensor, sends: list, totals: dict) -> None:
     """Features (or logits) of one test batch back from the server: loss and hits."""
     h = ctx.transport.recv(SERVER, Kind.FEATURES, ctx.device)
     with ctx.autocast():
-        logits = h if me.classifier is None else me.classifier(h)
+        logits = h if client.classifier is None else client.classifier(h)
     totals["loss"] += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
     totals["correct"] += int((logits.argmax(1) == y).sum())
     totals["seen"] += len(y)

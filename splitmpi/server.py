@@ -58,23 +58,23 @@ def prepare(ctx: Context, resume_epochs: int | None) -> Server:
                   models.has_parameters(parts.extractor), audit)
 
 
-def state(me: Server) -> dict:
-    return {"cloud": me.cloud.state_dict(),
-            "head": me.head.state_dict() if me.head is not None else {},
-            "optimizer": me.optimizer.state_dict(), "schedule": me.schedule.state_dict(),
+def state(server: Server) -> dict:
+    return {"cloud": server.cloud.state_dict(),
+            "head": server.head.state_dict() if server.head is not None else {},
+            "optimizer": server.optimizer.state_dict(), "schedule": server.schedule.state_dict(),
             "rng": checkpoint.rng_state()}
 
 
-def restore(me: Server, saved: dict) -> None:
-    me.cloud.load_state_dict(saved["cloud"])
-    if me.head is not None:
-        me.head.load_state_dict(saved["head"])
-    me.optimizer.load_state_dict(saved["optimizer"])
-    me.schedule.load_state_dict(saved["schedule"])
+def restore(server: Server, saved: dict) -> None:
+    server.cloud.load_state_dict(saved["cloud"])
+    if server.head is not None:
+        server.head.load_state_dict(saved["head"])
+    server.optimizer.load_state_dict(saved["optimizer"])
+    server.schedule.load_state_dict(saved["schedule"])
     checkpoint.set_rng_state(saved["rng"])
 
 
-def run(ctx: Context, me: Server, writer: results.ResultsWriter, start: int = 0) -> bool:
+def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int = 0) -> bool:
     """Epochs ``start``.. to the end; True when a signal stopped the run after a checkpoint."""
     cfg = ctx.cfg
     shards = ctx.world.gather(None, root=SERVER)[1:]  # training samples per client
@@ -85,15 +85,16 @@ def run(ctx: Context, me: Server, writer: results.ResultsWriter, start: int = 0)
         progress = Progress(log, title, sum(shards), "samples", Pace.of(cfg.train),
                             totals={f"client {k}": n for k, n in enumerate(shards, 1)},
                             after=rest, repeats=cfg.train.epochs - epoch - 1)
-        served = serve_phase(ctx, me, Kind.ACTIVATION, train_step, progress)
+        served = serve_phase(ctx, server, Kind.ACTIVATION, train_step, progress)
         trained = time.perf_counter()
-        serve_phase(ctx, me, Kind.EVAL_ACTIVATION, eval_step)
-        for sends in me.replies.values():
+        serve_phase(ctx, server, Kind.EVAL_ACTIVATION, eval_step)
+        for sends in server.replies.values():
             ctx.transport.wait(sends)
-        me.replies.clear()
-        reports = {k: ctx.world.recv(source=k, tag=Kind.REPORT) for k in range(1, ctx.clients + 1)}
-        if me.audit:
-            audit_epoch(ctx, me.audit, reports)
+        server.replies.clear()
+        reports = {k: ctx.world.recv(source=k, tag=Kind.REPORT)
+                   for k in range(1, ctx.client_count + 1)}
+        if server.audit:
+            audit_epoch(ctx, server.audit, reports)
         ended = time.perf_counter()
         seconds, rest = ended - began, ended - trained
         for k, report in reports.items():
@@ -111,7 +112,7 @@ def run(ctx: Context, me: Server, writer: results.ResultsWriter, start: int = 0)
         stop = bool(ctx.stop.signal) or any(r["stop_requested"] for r in reports.values())
         every = cfg.train.checkpoint_every
         save = stop or (every > 0 and (epoch + 1) % every == 0)
-        if checkpoint.boundary(ctx.world, cfg, epoch + 1, lambda: state(me), (save, stop)):
+        if checkpoint.boundary(ctx.world, cfg, epoch + 1, lambda: state(server), (save, stop)):
             writer.close()
             log.info(f"stopped by a signal after epoch {epoch + 1}; rerun with "
                      "train.resume=auto to go on")
@@ -132,69 +133,69 @@ def audit_epoch(ctx: Context, audit: ServerAudit, reports: dict[int, dict]) -> N
                  f"{found['label_matches']} carried labels")
 
 
-def serve_phase(ctx: Context, me: Server, kind: Kind, step,
+def serve_phase(ctx: Context, server: Server, kind: Kind, step,
                 progress: Progress | None = None) -> dict[int, dict]:
     """Serve requests on ``kind`` in schedule order until every client has ended the phase;
     each request served counts its samples into ``progress``."""
-    active = list(range(1, ctx.clients + 1))
+    active = list(range(1, ctx.client_count + 1))
     stats = defaultdict(lambda: {"batches_served": 0, "queue_wait_seconds": 0.0,
                                  "server_busy_seconds": 0.0, "phase_end_seconds": 0.0})
     start = time.perf_counter()
     while active:
         waited = time.perf_counter()
-        k = me.schedule.next(active, kind)
+        k = server.schedule.next(active, kind)
         a = ctx.transport.recv(k, kind, ctx.device)
         began = time.perf_counter()
         if a.shape[0] == 0:
             active.remove(k)
             stats[k]["phase_end_seconds"] = began - start
             continue
-        step(ctx, me, k, a)
+        step(ctx, server, k, a)
         s = stats[k]
         s["batches_served"] += 1
         s["queue_wait_seconds"] += began - waited
         s["server_busy_seconds"] += time.perf_counter() - began
         if progress is not None:
             progress.update(a.shape[0], f"client {k}")
-    return {k: stats[k] for k in range(1, ctx.clients + 1)}
+    return {k: stats[k] for k in range(1, ctx.client_count + 1)}
 
 
-def train_step(ctx: Context, me: Server, k: int, a: torch.Tensor) -> None:
+def train_step(ctx: Context, server: Server, k: int, a: torch.Tensor) -> None:
     t = ctx.transport
-    a.requires_grad_(me.send_grad)
-    me.cloud.train()
-    me.optimizer.zero_grad(set_to_none=True)
+    a.requires_grad_(server.send_grad)
+    server.cloud.train()
+    server.optimizer.zero_grad(set_to_none=True)
     with ctx.autocast():
-        h = me.cloud(a)
-    if me.head is None:  # u_shape: the client's classifier computes the loss
+        h = server.cloud(a)
+    if server.head is None:  # u_shape: the client's classifier computes the loss
         sends = t.isend(h, k, Kind.FEATURES)
         h.backward(t.recv(k, Kind.FEATURE_GRAD, ctx.device, h.dtype))
     else:  # label_sharing: labels came with the activation
-        me.head.train()
+        server.head.train()
         y = t.recv(k, Kind.LABELS, ctx.device)
         with ctx.autocast():
-            logits = me.head(h)
+            logits = server.head(h)
         loss = nn.functional.cross_entropy(logits.float(), y)
         loss.backward()
         stats = torch.tensor([loss.item() * len(y), float((logits.argmax(1) == y).sum())],
                              dtype=torch.float64)
         sends = t.isend(stats, k, Kind.LOSS)
-    if me.send_grad:
+    if server.send_grad:
         sends += t.isend(a.grad, k, Kind.ACTIVATION_GRAD)
-    me.optimizer.step()
+    server.optimizer.step()
     t.wait(sends)
 
 
 @torch.no_grad()
-def eval_step(ctx: Context, me: Server, k: int, a: torch.Tensor) -> None:
+def eval_step(ctx: Context, server: Server, k: int, a: torch.Tensor) -> None:
     """Forward only. The reply is not waited for here: the client takes it after sending its
     next batch, and meanwhile the server serves others. The previous reply to this client
     is waited for before this one (the client posts that receive right after this send)."""
-    me.cloud.eval()
+    server.cloud.eval()
     with ctx.autocast():
-        out = me.cloud(a)
-        if me.head is not None:
-            me.head.eval()
-            out = me.head(out)
-    ctx.transport.wait(me.replies.pop(k, []))
-    me.replies[k] = ctx.transport.isend(out, k, Kind.FEATURES)
+        out = server.cloud(a)
+        if server.head is not None:
+            server.head.eval()
+            out = server.head(out)
+    ctx.transport.wait(server.replies.pop(k, []))
+    server.replies[k] = ctx.transport.isend(out, k, Kind.FEATURES)

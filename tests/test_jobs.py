@@ -1,4 +1,6 @@
-"""jobs/sweep.py: table expansion, dry runs, and a real local sweep on tiny synthetic data."""
+"""jobs/sweep.py: table expansion, dry runs, and a real local sweep on tiny synthetic data.
+
+The script runs as a user runs it: ``python jobs/sweep.py ...`` from the repository."""
 from __future__ import annotations
 
 import json
@@ -12,7 +14,7 @@ import pytest
 from mpirun import ROOT, env
 from splitmpi import reader
 
-SWEEP = ROOT / "jobs" / "sweep.py"
+SWEEP = "jobs/sweep.py"  # relative to ROOT, the working directory of every run
 STAMP = re.compile(r"\[\d\d:\d\d:\d\d\] (WARNING: )?")
 # tiny synthetic cells (mpirun.TINY sizes, one epoch, no loader workers, 2 clients)
 TINY = ["data.name=synthetic", "data.train_size=300", "data.test_size=120",
@@ -21,7 +23,7 @@ TINY = ["data.name=synthetic", "data.train_size=300", "data.test_size=120",
 
 
 def sweep(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SWEEP), *args], env=env(), cwd=ROOT,
+    return subprocess.run([sys.executable, SWEEP, *args], env=env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -19,7 +19,7 @@ from splitmpi.attack.output import write
 from splitmpi.attack.target import Target
 from splitmpi.report import training
 from splitmpi.report.cli import tables
-from splitmpi.report.render import Table, cell, render
+from splitmpi.report.render import Table, format_value, render
 
 RUNS = {  # file stem -> overrides; cut 1 has both sharing modes, cut 2 only sharing
     "s1": ("split.share=true", "model.cut=1"),
@@ -178,7 +178,7 @@ def test_unfinished_run_is_marked_not_mixed(results, tmp_path):
 
 
 def test_render_formats_and_table_hook(monkeypatch):
-    assert [cell(v) for v in (99.1, 0.873, 5e-05, math.nan, None, True, 3)] == [
+    assert [format_value(v) for v in (99.1, 0.873, 5e-05, math.nan, None, True, 3)] == [
         "99.10", "0.873", "5e-05", "-", "-", "true", "3"]
     privacy = Table("Attack PSNR by cut", [{"cut": 1, "psnr_db": 21.5},
                                            {"cut": 2, "psnr_db": 14.25}])

@@ -16,8 +16,9 @@ class Table(NamedTuple):
     rows: list[dict]
 
 
-def cell(value, missing: str = "-") -> str:
-    """Floats with 2 decimals unless they hold more (SSIM, MSE); NaN/None as ``missing``."""
+def format_value(value, missing: str = "-") -> str:
+    """One value as the text of a table entry: floats with 2 decimals unless they hold more
+    (SSIM, MSE); NaN/None as ``missing``."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return missing
     if isinstance(value, bool):
@@ -48,10 +49,10 @@ def render(tabs: list[Table], fmt: str = "text", extra: list[str] = ()) -> str:
             buf = io.StringIO()
             writer = csv.writer(buf, lineterminator="\n")
             writer.writerow(cols)
-            writer.writerows([cell(r.get(c), "") for c in cols] for r in rows)
+            writer.writerows([format_value(r.get(c), "") for c in cols] for r in rows)
             out.append(f"# {title}\n{buf.getvalue()}")
             continue
-        grid = [[cell(r.get(c)) for c in cols] for r in rows]
+        grid = [[format_value(r.get(c)) for c in cols] for r in rows]
         right = [_numeric(rows, c) for c in cols]
         if fmt == "markdown":
             lines = [f"### {title}", "", "| " + " | ".join(cols) + " |",

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..reader import Run
 from .plotting import pyplot, save, slug
-from .render import Table, cell, columns
+from .render import Table, columns, format_value
 
 # --- what the tables are made of ----------------------------------------------------------
 
@@ -179,7 +179,7 @@ def plot_accuracy(runs: list[Run], outdir: Path) -> list[Path]:
         ax.set(xlabel="epoch", ylabel="test accuracy (%)",
                title=f"{run.path.name}: {_cfg(run, 'data.name')} {_cfg(run, 'model.arch')} "
                      f"cut {_cfg(run, 'model.cut')}, {_cfg(run, 'split.topology')}, "
-                     f"share={cell(_cfg(run, 'split.share'))}"
+                     f"share={format_value(_cfg(run, 'split.share'))}"
                      + ("" if run.finished else " (UNFINISHED)"))
         ax.title.set_fontsize(9)
         ax.xaxis.get_major_locator().set_params(integer=True)
