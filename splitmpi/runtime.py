@@ -37,7 +37,7 @@ class Context:
     cfg: Config
     world: MPI.Comm
     clients_comm: MPI.Comm | None  # client-only sub-communicator; None on the server
-    clients: int
+    client_count: int  # client ranks (world size - 1)
     device: torch.device
     transport: Transport
     stop: StopFlag
@@ -58,6 +58,14 @@ class Context:
 
 def local_comm(world: MPI.Comm) -> MPI.Comm:
     return world.Split_type(MPI.COMM_TYPE_SHARED)
+
+
+def client_comm(world: MPI.Comm) -> MPI.Comm | None:
+    """The clients' own communicator, over which they share extractors; None on the server.
+    Collective over ``world``."""
+    rank = world.Get_rank()
+    comm = world.Split(MPI.UNDEFINED if rank == SERVER else 1, rank)
+    return None if comm == MPI.COMM_NULL else comm
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
@@ -106,9 +114,7 @@ def make_context(cfg: Config, world: MPI.Comm, clients: int) -> Context:
     cores = node_cores(local)
     local.Free()
     rank = world.Get_rank()
-    clients_comm = world.Split(MPI.UNDEFINED if rank == SERVER else 1, rank)
-    if clients_comm == MPI.COMM_NULL:
-        clients_comm = None
+    clients_comm = client_comm(world)
     threads = pick_threads(cfg.train.threads, ranks_on_node, cores)
     torch.set_num_threads(threads)
     wait = pick_wait(cfg.comm.wait, ranks_on_node, cores)

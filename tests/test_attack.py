@@ -1,5 +1,6 @@
 """Inversion attacks and defenses on tiny data: the attacks learn, the defenses change what
 is sent, and results round-trip through the HDF5 file and splitmpi.reader."""
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from splitmpi.attack.decoder import build_decoder, decoder_attack, stage_shapes
 from splitmpi.attack.images import attack_images
 from splitmpi.attack.output import write
 from splitmpi.attack.rmle import rmle
-from splitmpi.attack.target import Target, freeze, observe
+from splitmpi.attack.target import Target, freeze, observe, train_split_model
 from splitmpi.config import DefenseConfig
 from splitmpi.defense import Defense, distance_correlation
 from splitmpi.results import ResultsWriter
@@ -143,6 +144,28 @@ def test_distance_correlation_identical_vs_independent():
     assert 0.5 < half < 1
 
 
+def test_the_target_trained_here_is_what_a_split_run_trains(tmp_path):
+    """With attack.checkpoint empty the target is trained in one process; a split run with
+    client 1's shard as its only client (every defense on: dropout and noise draw from the
+    client's RNG, NoPeek adds its gradient) must end with the same extractor, cloud and
+    classifier bit for bit, and its test accuracy must be the target's utility."""
+    settings = ["data.image_size=16", "data.train_size=120", "data.test_size=60",
+                "train.epochs=2", "train.batch_size=30", "train.checkpoint_every=2",
+                "train.device=cpu", "train.threads=1", "clients.count=1", "split.share=false",
+                "defense.nopeek_alpha=0.5", "defense.noise_sigma=0.1", "defense.dropout=0.2"]
+    mpirun.ok(2, *settings, "output=run.h5", cwd=tmp_path)
+    net, accuracy = train_split_model(config.load(None, settings), torch.device("cpu"))
+    folder = tmp_path / "run.h5.ckpt" / "epoch-00002"
+    server_state, client_state = (torch.load(folder / f"rank-{rank}.pt",
+                                             weights_only=True)["state"] for rank in (0, 1))
+    for part, state in [(net.parts.extractor, client_state["extractor"]),
+                        (net.parts.classifier, client_state["classifier"]),
+                        (net.parts.cloud, server_state["cloud"])]:
+        for name, tensor in part.state_dict().items():
+            assert torch.equal(tensor, state[name]), name
+    assert accuracy == reader.read(tmp_path / "run.h5").clients[1]["test_accuracy"][-1]
+
+
 def groups(path):
     return reader.read(path).groups["attack"]
 
@@ -233,31 +256,44 @@ def test_bad_checkpoint_and_foreign_output_exit_2(tmp_path, capsys):
         assert list(f) == ["x"]
 
 
-def load_sweep():
-    import importlib.util
-    path = mpirun.ROOT / "jobs" / "privacy_sweep.py"
-    spec = importlib.util.spec_from_file_location("privacy_sweep", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def privacy_sweep(*args) -> subprocess.CompletedProcess:
+    """``python jobs/privacy_sweep.py ARGS`` from the repository, as a user runs it."""
+    return subprocess.run([sys.executable, "jobs/privacy_sweep.py", *map(str, args)],
+                          cwd=mpirun.ROOT, env=mpirun.env(), capture_output=True, text=True,
+                          timeout=300)
 
 
-def test_privacy_sweep_cells_and_skipping(tmp_path, capsys):
-    sweep = load_sweep()
-    names = [n for n, _ in sweep.cells("cnn5", ["1", "2"], {"noise": [0.5], "nopeek": [2.0]},
-                                       ["1"])]
-    assert names == ["cnn5-cut1-none", "cnn5-cut1-noise0.5", "cnn5-cut1-nopeek2",
-                     "cnn5-cut2-none"]
-    assert sweep.main(["--dry-run", "--out", str(tmp_path), "--noise", "--nopeek",
-                       "--dropout", "--", "model.arch=resnet50"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("splitmpi.attack") == 3 and "model.cut=layer3" in out
-    assert sweep.main(["--dry-run", "--", "model.arch=vgg"]) == 2
-    # a cell is done once its file holds every requested method
-    path = tmp_path / "cell.h5"
+def swept(proc: subprocess.CompletedProcess) -> dict[str, str]:
+    """Cell name -> what the sweep said of it (its command in a dry run, else its outcome)."""
+    return dict(re.findall(r"\[\d+/\d+\] (\S+): (.*)", proc.stdout))
+
+
+def test_privacy_sweep_cells_and_skipping(tmp_path):
+    proc = privacy_sweep("--dry-run", "--out", tmp_path, "--cuts", "1", "2", "--noise", "0.5",
+                         "--nopeek", "2", "--dropout", "--defense-cuts", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert list(swept(proc)) == ["cnn5-cut1-none", "cnn5-cut1-noise0.5", "cnn5-cut1-nopeek2",
+                                 "cnn5-cut2-none"]
+    proc = privacy_sweep("--dry-run", "--out", tmp_path, "--noise", "--nopeek", "--dropout",
+                         "--", "model.arch=resnet50")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("splitmpi.attack") == 3 and "model.cut=layer3" in proc.stdout
+    assert privacy_sweep("--dry-run", "--", "model.arch=vgg").returncode == 2
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+    # a cell is done once its file holds every requested method; the cells that are not
+    # done run their attack, which here fails at once (no such checkpoint)
+    path = tmp_path / "cnn5-cut1-none.h5"
     cfg = config.load(None, [f"attack.output={path}"])
     ev = torch.zeros(2, 3, 16, 16)
     t = Target(nn.Sequential(), None, 0.5, "test")
     write(cfg, "decoder", t, ev, {"reconstruction": ev, "series": {}, "attrs": {}}, {})
-    assert sweep.done(path, ("decoder",)) and not sweep.done(path, ("decoder", "rmle"))
-    assert not sweep.done(tmp_path / "missing.h5", ("decoder",))
+    missing = f"attack.checkpoint={tmp_path / 'missing.pt'}"
+    cells = ("--out", tmp_path, "--noise", "--nopeek", "--dropout", "--cuts")
+    proc = privacy_sweep(*cells, "1", "2", "--method", "decoder", "--", missing)
+    said = swept(proc)
+    assert said["cnn5-cut1-none"] == "done, skipped", proc.stdout
+    assert said["cnn5-cut2-none"].startswith("FAILED"), proc.stdout  # no file yet
+    assert proc.returncode == 1 and "cnn5-cut2-none" in proc.stderr
+    proc = privacy_sweep(*cells, "1", "--method", "both", "--", missing)
+    assert swept(proc)["cnn5-cut1-none"].startswith("FAILED"), proc.stdout  # no rmle yet
+    assert proc.returncode == 1

@@ -5,8 +5,10 @@ import json
 import re
 
 import pytest
+import torch
 
 import mpirun
+from splitmpi.bench.train import in_turn
 
 COMMON = ("benchmark", "smoke", "date", "world_size", "cores", "mpi_library", "torch",
           "rows", "ratio", "ratio_line", "settings")
@@ -60,6 +62,20 @@ def test_train(tmp_path, n):
         assert row["clients"] == clients and row["samples_per_s"] > 0
     assert doc["settings"]["clients"] == clients
     assert not list(tmp_path.glob("*.h5"))  # the runs' files went to a temporary folder
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where no GPU is visible")
+def test_device_cuda_without_a_gpu_exits_2(tmp_path):
+    proc = mpirun.run(2, "train", "--smoke", "--device", "cuda", module="splitmpi.bench",
+                      cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "--device cuda but no CUDA device is visible; use --device cpu" in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing saved
+
+
+def test_the_monolithic_baseline_takes_one_batch_of_each_client_in_turn():
+    """The order round_robin serves the clients' batches in; a spent client drops out."""
+    assert list(in_turn([[1, 2, 3], [], [4], [5, 6]])) == [1, 4, 5, 2, 6, 3]
 
 
 def test_allreduce(tmp_path):

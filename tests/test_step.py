@@ -3,9 +3,10 @@
 The server (rank 0) and one client (rank 1) are threads of this process talking through the
 real ``Transport`` over ``splitmpi.loopback``. A split step must do exactly what the same
 network does in one piece: the gradients, the weights after the SGD step, BatchNorm's
-running statistics and the loss are compared bit for bit with a one-process run of the
-same batch. What needs real ranks (sharing, whole runs, the schedules' timing) stays in
-the mpiexec tests.
+running statistics and the loss are compared bit for bit with ``splitmpi.monolithic``'s
+one-process step on the same batch (the step the attack's target and the train
+benchmark's baseline are trained with). What needs real ranks (sharing, whole runs, the
+schedules' timing) stays in the mpiexec tests.
 """
 import copy
 import signal
@@ -17,7 +18,7 @@ from mpi4py import MPI
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from splitmpi import client, config, loopback, models, schedule, server
+from splitmpi import client, config, loopback, models, monolithic, schedule, server
 from splitmpi.defense import Defense
 from splitmpi.runtime import SERVER, Context, StopFlag
 from splitmpi.transport import DTYPES, HEADER, HEADER_LEN, WIRE_DTYPES, Kind, Transport
@@ -151,9 +152,12 @@ def test_the_first_error_of_any_rank_is_raised_at_once():
 
 # -- one step ---------------------------------------------------------------------------
 
-def make_cfg(arch: str, cut, topology: str) -> config.Config:
+def make_cfg(arch: str, cut, topology: str, *overrides: str) -> config.Config:
+    """A run on synthetic images of the shape of ``batch``'s."""
     return config.load(overrides=[f"model.arch={arch}", f"model.cut={cut}",
-                                  f"split.topology={topology}", "train.weight_decay=0.001"])
+                                  f"split.topology={topology}", "train.weight_decay=0.001",
+                                  f"data.channels={CHANNELS}", f"data.image_size={IMAGE_SIZE}",
+                                  f"data.num_classes={CLASSES}", *overrides])
 
 
 def contexts(cfg: config.Config, world: loopback.World, stop: StopFlag):
@@ -172,10 +176,10 @@ def contexts(cfg: config.Config, world: loopback.World, stop: StopFlag):
 
 
 def roles(cfg: config.Config, ctxs, test_loader=None):
-    """The server's and the client's state over one freshly built network, and a copy of
-    that network for the one-process reference."""
-    parts = models.build(cfg.model, CHANNELS, IMAGE_SIZE, CLASSES, cfg.train.seed)
-    whole = copy.deepcopy(parts)
+    """The server's and the client's state over the run's network, and the same network
+    built again for the one-process reference."""
+    parts = models.for_run(cfg)
+    whole = monolithic.build(cfg, torch.device("cpu"))
     u_shape = cfg.split.topology == "u_shape"
     classifier = parts.classifier if u_shape else None
     head = None if u_shape else parts.classifier
@@ -187,18 +191,6 @@ def roles(cfg: config.Config, ctxs, test_loader=None):
                                 train_loader=None, test_loader=test_loader, classes=[],
                                 audit=None)
     return cloud_side, client_side, whole
-
-
-def reference_step(cfg: config.Config, whole: models.SplitModel, x, y):
-    """The same step on the network in one piece: (summed loss, correct)."""
-    net = nn.Sequential(whole.extractor, whole.cloud, whole.classifier).train()
-    optimizer = models.sgd([net], cfg.train)
-    optimizer.zero_grad(set_to_none=True)
-    logits = net(x)
-    loss = nn.functional.cross_entropy(logits, y)
-    loss.backward()
-    optimizer.step()
-    return loss.item() * len(y), int((logits.argmax(1) == y).sum())
 
 
 def assert_same_state(split: nn.Module, whole: nn.Module) -> None:
@@ -218,15 +210,21 @@ def assert_same_step(split: nn.Module, whole: nn.Module, before: dict) -> None:
         assert any(not torch.equal(before[n], state[n]) for n in before), "nothing learnt"
 
 
-@pytest.mark.parametrize("arch, cut, topology", [
-    ("cnn5", 2, "u_shape"), ("resnet50", "layer2", "u_shape"),
-    ("cnn5", 3, "label_sharing"), ("cnn5", 0, "label_sharing")])
-def test_one_split_step_is_the_one_process_step(world, stop, arch, cut, topology):
+DEFENDED = ("defense.nopeek_alpha=0.5", "defense.noise_sigma=0.1", "defense.dropout=0.2")
+
+
+@pytest.mark.parametrize("arch, cut, topology, defense", [
+    ("cnn5", 2, "u_shape", ()), ("resnet50", "layer2", "u_shape", ()),
+    ("cnn5", 3, "label_sharing", ()), ("cnn5", 0, "label_sharing", ()),
+    ("cnn5", 2, "u_shape", DEFENDED)])
+def test_one_split_step_is_the_one_process_step(world, stop, arch, cut, topology, defense):
     """u_shape: activation, features, feature gradient, activation gradient; label_sharing:
     activation and labels, loss, activation gradient (none with cnn5 cut 0, where the client
-    holds no layer). Either way the step is the one-process step, bit for bit. The modules
-    are freshly built, so in training mode, as ``train_epoch`` sets them."""
-    cfg = make_cfg(arch, cut, topology)
+    holds no layer). Either way the step is the one-process step, bit for bit, and so with
+    every defense on: the same dropout mask and noise from the same RNG state, the NoPeek
+    term's gradient added to the extractor's. The modules are freshly built, so in training
+    mode, as ``train_epoch`` sets them."""
+    cfg = make_cfg(arch, cut, topology, *defense)
     ctxs = contexts(cfg, world, stop)
     cloud_side, client_side, whole = roles(cfg, ctxs)
     x, y = batch(0)
@@ -243,10 +241,12 @@ def test_one_split_step_is_the_one_process_step(world, stop, arch, cut, topology
         return client._finish_step(ctx, client_side,
                                    *client._send_activation(ctx, client_side, x, y))
 
+    torch.manual_seed(1)  # the client's thread draws the defense's randomness from it
     loss, correct = loopback.run(serve, step)[CLIENT]
-    assert (loss, correct) == reference_step(cfg, whole, x, y)
+    torch.manual_seed(1)
+    assert (loss, correct) == monolithic.step(whole, x, y)
     for part, module in parts.items():
-        assert_same_step(module, getattr(whole, part), before[part])
+        assert_same_step(module, getattr(whole.parts, part), before[part])
     at_client, at_server = (ctxs[r].transport.counters() for r in (CLIENT, SERVER))
     assert at_client["bytes_sent"] == at_server["bytes_received"]
     assert at_server["bytes_sent"] == at_client["bytes_received"]
@@ -265,7 +265,7 @@ def test_evaluation_is_the_one_process_forward(world, stop, arch, cut, topology)
     loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)  # batches of 4 and 3
     cloud_side, client_side, whole = roles(cfg, ctxs, loader)
     # running statistics unlike any batch's, so an evaluation in training mode would show
-    for m in [client_side.extractor, cloud_side.cloud, whole.extractor, whole.cloud]:
+    for m in [client_side.extractor, cloud_side.cloud, whole.parts.extractor, whole.parts.cloud]:
         for norm in (n for n in m.modules() if isinstance(n, nn.BatchNorm2d)):
             norm.running_mean.fill_(0.1)
             norm.running_var.fill_(2.0)
@@ -280,15 +280,9 @@ def test_evaluation_is_the_one_process_forward(world, stop, arch, cut, topology)
     served, metrics = loopback.run(serve, lambda: client.evaluate(ctxs[CLIENT], client_side))
     assert served[CLIENT]["batches_served"] == 2
 
-    net = nn.Sequential(whole.extractor, whole.cloud, whole.classifier).eval()
-    loss, correct = 0.0, 0
-    with torch.no_grad():
-        for xb, yb in loader:
-            logits = net(xb)
-            loss += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
-            correct += int((logits.argmax(1) == yb).sum())
-    assert metrics == {"test_loss": loss / samples, "test_accuracy": correct / samples,
-                       "test_samples": samples}
-    for split, one in [(client_side.extractor, whole.extractor), (cloud_side.cloud, whole.cloud),
-                       (client_side.classifier or cloud_side.head, whole.classifier)]:
+    assert metrics == monolithic.evaluate(whole, loader)
+    assert metrics["test_samples"] == samples
+    for split, one in [(client_side.extractor, whole.parts.extractor),
+                       (cloud_side.cloud, whole.parts.cloud),
+                       (client_side.classifier or cloud_side.head, whole.parts.classifier)]:
         assert_same_state(split, one)

@@ -3,12 +3,13 @@
 ``attack.checkpoint`` names a torch file holding an extractor state dict under "extractor",
 top level or under ["model"] or ["state"] (the last is what a splitmpi client checkpoint
 ``OUTPUT.ckpt/epoch-N/rank-1.pt`` holds). When it is empty, the config's split model is
-trained here in one process on client 1's shard (extractor -> defense -> cloud ->
-classifier, the defense's NoPeek penalty added to the loss, as the client does), for
-``train.epochs`` with the config's SGD settings. Clients for the partition: ``clients`` if
-set, else the number of class lists of an explicit ``data.partition``, else 3 (at most the
-number of classes). Utility = that model's accuracy on client 1's test split with the
-defense in eval mode (noise on, dropout off).
+trained here in one process on client 1's shard for ``train.epochs``, by the one-process
+step of ``splitmpi.monolithic`` (the run's parts, defense, NoPeek term and SGD settings)
+from client 1's seed: the network a split run with that shard as its only client trains.
+Clients for the partition: ``clients`` if set, else the number of class lists of an
+explicit ``data.partition``, else 3 (at most the number of classes). Utility = that
+model's accuracy on client 1's test split with the defense in eval mode (noise on, dropout
+off).
 """
 from __future__ import annotations
 
@@ -18,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import data, models
+from .. import data, monolithic
 from ..config import Config
 from ..defense import Defense
 from ..errors import ConfigError
@@ -106,61 +106,30 @@ def _load_into(module: nn.Module, state: dict, what: str, cfg: Config) -> None:
 
 # --- or trained here ----------------------------------------------------------------------
 
-@torch.no_grad()
-def accuracy(parts: models.SplitModel, defense: Defense, loader, device) -> float:
-    for m in (parts.extractor, parts.cloud, parts.classifier, defense):
-        m.eval()
-    correct = seen = 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        logits = parts.classifier(parts.cloud(defense(parts.extractor(x))))
-        correct += int((logits.argmax(1) == y).sum())
-        seen += len(y)
-    return correct / max(seen, 1)
-
-
-def train_split_model(cfg: Config, device: torch.device) -> tuple[models.SplitModel, Defense,
-                                                                   float]:
-    """The config's split model trained in one process on client 1's shard, the defense
-    between extractor and cloud as on the client. Returns (parts, defense, test accuracy)."""
+def train_split_model(cfg: Config, device: torch.device) -> tuple[monolithic.Network, float]:
+    """The config's split model trained in one process on client 1's shard (see the module
+    doc). Returns (network, test accuracy)."""
     clients = clients_for(cfg)
     train_loader, test_loader, classes = data.client_loaders(cfg, 1, clients)
-    sp = data.spec(cfg.data)
-    parts = models.build(cfg.model, sp.channels, sp.image_size, sp.num_classes, cfg.train.seed)
-    defense = Defense(cfg.defense)
-    modules = [parts.extractor, parts.cloud, parts.classifier]
-    for m in modules:
-        m.to(device)
-    params = [p for m in modules for p in m.parameters()]
-    opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
-                          weight_decay=cfg.train.weight_decay)
-    torch.manual_seed(cfg.train.seed * 1000 + 1)
+    net = monolithic.build(cfg, device)
+    torch.manual_seed(cfg.train.seed * 1000 + 1)  # client 1's own seed, as client.prepare
     log.info(f"training {cfg.model.arch} cut {cfg.model.cut} on client 1 of {clients} "
              f"(classes {classes}, {len(train_loader.dataset)} images), defense "
              f"{describe_defense(cfg)}")
     acc = float("nan")
     for epoch in range(cfg.train.epochs):
-        for m in (*modules, defense):
-            m.train()
         loss_sum = seen = 0
         progress = Progress(log, f"  epoch {epoch + 1}/{cfg.train.epochs}",
                             len(train_loader.dataset), "samples", Pace.of(cfg.train),
                             repeats=cfg.train.epochs - epoch - 1)
         for x, y in train_loader:
-            x, y = x.to(device), y.to(device)
-            a = parts.extractor(x)
-            loss = F.cross_entropy(parts.classifier(parts.cloud(defense(a))), y)
-            penalty = defense.penalty(x, a)
-            total = loss if penalty is None else loss + penalty
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            loss_sum, seen = loss_sum + loss.item() * len(y), seen + len(y)
+            loss, _ = monolithic.step(net, x, y)
+            loss_sum, seen = loss_sum + loss, seen + len(y)
             progress.update(len(y))
-        acc = accuracy(parts, defense, test_loader, device)
+        acc = monolithic.evaluate(net, test_loader)["test_accuracy"]
         log.info(f"  epoch {epoch + 1}/{cfg.train.epochs}: train loss "
                  f"{loss_sum / max(seen, 1):.4f}, test accuracy {acc:.4f}")
-    return parts, defense, acc
+    return net, acc
 
 
 # --- the target ---------------------------------------------------------------------------
@@ -175,9 +144,9 @@ def freeze(target_parts: list[nn.Module]) -> None:
 
 def get_target(cfg: Config, device: torch.device) -> Target:
     """The extractor under attack (and the utility of its model), see the module doc."""
-    defense = Defense(cfg.defense)
     if not cfg.attack.checkpoint:
-        parts, defense, acc = train_split_model(cfg, device)
+        net, acc = train_split_model(cfg, device)
+        parts = net.parts
         if cfg.attack.save:
             Path(cfg.attack.save).parent.mkdir(parents=True, exist_ok=True)
             torch.save({"model": {"extractor": parts.extractor.state_dict(),
@@ -186,26 +155,23 @@ def get_target(cfg: Config, device: torch.device) -> Target:
                         "test_accuracy": acc, "config": cfg.to_json()}, cfg.attack.save)
             log.info(f"saved the trained model to {cfg.attack.save}")
         source = f"trained here: {cfg.train.epochs} epochs on client 1 of {clients_for(cfg)}"
-        freeze([parts.extractor, defense])
-        return Target(parts.extractor, defense, acc, source)
+        freeze([parts.extractor, net.defense])
+        return Target(parts.extractor, net.defense, acc, source)
     ck = _load_checkpoint(cfg.attack.checkpoint)
-    sp = data.spec(cfg.data)
-    parts = models.build(cfg.model, sp.channels, sp.image_size, sp.num_classes, cfg.train.seed)
-    state = _extractor_state(ck, cfg.attack.checkpoint)
-    _load_into(parts.extractor, state, "extractor", cfg)
-    for m in (parts.extractor, parts.cloud, parts.classifier):
-        m.to(device)
+    net = monolithic.build(cfg, device)
+    parts = net.parts
+    _load_into(parts.extractor, _extractor_state(ck, cfg.attack.checkpoint), "extractor", cfg)
     acc = float("nan")
     cloud, head = _part(ck, "cloud"), _part(ck, "classifier")
     if cloud is not None and head is not None:
         _load_into(parts.cloud, cloud, "cloud", cfg)
         _load_into(parts.classifier, head, "classifier", cfg)
         _, test_loader, _ = data.client_loaders(cfg, 1, clients_for(cfg))
-        acc = accuracy(parts, defense, test_loader, device)
+        acc = monolithic.evaluate(net, test_loader)["test_accuracy"]
     elif isinstance(ck.get("test_accuracy"), (int, float)):
         acc = float(ck["test_accuracy"])
-    freeze([parts.extractor, defense])
-    return Target(parts.extractor, defense, acc, f"checkpoint {cfg.attack.checkpoint}")
+    freeze([parts.extractor, net.defense])
+    return Target(parts.extractor, net.defense, acc, f"checkpoint {cfg.attack.checkpoint}")
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from mpi4py import MPI
 
 from .. import config, models, sharing
 from ..logs import Progress
+from ..runtime import client_comm
 from .harness import (
     PACE,
     BenchError,
@@ -37,8 +38,8 @@ def run(world: MPI.Comm, args) -> dict:
         raise BenchError("the allreduce benchmark needs clients: mpiexec -n 3 or -n 4 "
                          "python -m splitmpi.bench allreduce")
     rank = world.Get_rank()
-    where = device_for(args.device, rank)
-    clients_comm = world.Split(MPI.UNDEFINED if rank == 0 else 1, rank)
+    where = device_for(args.device, world)
+    clients_comm = client_comm(world)
     repeats = 1 if args.smoke else args.repeats
     warmup = 0 if args.smoke else args.warmup
     archs = args.arch.split(",")

@@ -21,8 +21,9 @@ from mpi4py import MPI
 
 from .. import __version__
 from ..config import TrainConfig
+from ..errors import ConfigError
 from ..logs import Pace
-from ..runtime import node_cores
+from ..runtime import local_comm, node_cores, pick_device
 
 KiB, MiB = 1024, 1024 * 1024
 PACE = Pace(seconds=TrainConfig.log_seconds)  # progress lines as often as a run's default
@@ -107,13 +108,19 @@ def environment(world: MPI.Comm) -> dict:
             "cuda": torch.cuda.is_available()}
 
 
-def device_for(choice: str, rank: int) -> torch.device:
-    """cpu, or cuda:(rank % GPUs) for ``--device cuda`` (refused without a GPU)."""
-    if choice == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise BenchError("--device cuda but no CUDA device is visible; use --device cpu")
-    return torch.device("cuda", rank % torch.cuda.device_count())
+def device_for(choice: str, world: MPI.Comm) -> torch.device:
+    """The device a training run's rank would get for ``train.device=CHOICE``
+    (``runtime.pick_device``); a refusal is said in the benchmark's words (``--device``).
+    Collective over ``world`` (it asks for the rank on the node): call it on every rank
+    before the benchmark's own collectives, so that no rank waits for one that refused."""
+    local = local_comm(world)
+    local_rank = local.Get_rank()
+    local.Free()
+    try:
+        return pick_device(choice, local_rank)
+    except ConfigError:
+        raise BenchError(f"--device {choice} but no CUDA device is visible; "
+                         "use --device cpu") from None
 
 
 def sync(on: torch.device) -> None:

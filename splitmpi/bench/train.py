@@ -1,8 +1,8 @@
 """``mpiexec -n N python -m splitmpi.bench train``: split vs monolithic samples/s.
 
 The train phase of one epoch through the real ``server.run``/``client.run`` (N - 1 clients,
-each server schedule asked for) against the same network chained in one process on rank 0,
-over the same batches.
+each server schedule asked for) against the same network trained in one process on rank 0
+by ``splitmpi.monolithic``'s step, over the same batches.
 """
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
 import torch
 from mpi4py import MPI
 
-from .. import client, config, data, models, results, schedule, server
+from .. import client, config, data, monolithic, results, schedule, server
 from ..logs import Progress
 from ..runtime import make_context
 from .harness import (
@@ -40,43 +41,35 @@ TRAIN_DEFAULTS = {"cnn5": {"batches": 16, "batch_size": 32},
 log = logging.getLogger(__name__)
 
 
+def in_turn(loaders: list) -> Iterator:
+    """One batch of each loader in turn, a spent loader dropping out: the order in which
+    round_robin serves the clients' batches."""
+    iterators = [iter(loader) for loader in loaders]
+    while iterators:
+        for it in list(iterators):
+            batch = next(it, None)
+            if batch is None:
+                iterators.remove(it)
+            else:
+                yield batch
+
+
 class Monolithic:
-    """The same network, extractor + cloud + classifier chained in one process, trained
-    on the same batches as the split run (all clients' loaders, one batch of each in turn)."""
+    """The run's network in one process (``monolithic.build``), trained by the one-process
+    step on the split run's batches: every client's loader, one batch of each in turn."""
 
     def __init__(self, cfg, clients: int, device: torch.device):
-        spec = data.spec(cfg.data)
-        parts = models.build(cfg.model, spec.channels, spec.image_size, spec.num_classes,
-                             cfg.train.seed)
-        self.device = device
-        self.net = torch.nn.Sequential(parts.extractor, parts.cloud, parts.classifier).to(device)
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=cfg.train.lr,
-                                         momentum=cfg.train.momentum,
-                                         weight_decay=cfg.train.weight_decay)
+        self.net = monolithic.build(cfg, device)
         self.loaders = [data.client_loaders(cfg, k, clients)[0] for k in range(1, clients + 1)]
 
     def epoch(self) -> tuple[int, float]:
         """One pass over every client's batches; returns (samples, seconds)."""
-        self.net.train()
-        seen, loss_sum, correct = 0, 0.0, 0
+        seen = 0
         start = time.perf_counter()
-        iterators = [iter(loader) for loader in self.loaders]
-        while iterators:
-            for it in list(iterators):
-                batch = next(it, None)
-                if batch is None:
-                    iterators.remove(it)
-                    continue
-                x, y = batch[0].to(self.device), batch[1].to(self.device)
-                self.optimizer.zero_grad(set_to_none=True)
-                logits = self.net(x)
-                loss = torch.nn.functional.cross_entropy(logits.float(), y)
-                loss.backward()
-                self.optimizer.step()
-                loss_sum += loss.item() * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-        sync(self.device)
+        for x, y in in_turn(self.loaders):
+            monolithic.step(self.net, x, y)
+            seen += len(y)
+        sync(self.net.device)
         return seen, time.perf_counter() - start
 
 
@@ -93,28 +86,28 @@ def _train_config(arch: str, cut, clients: int, args):
     return config.load(None, overrides)
 
 
-def _split_run(ctx, me, policy: str, path: Path) -> tuple[int, float]:
+def _split_run(ctx, role, policy: str, path: Path) -> tuple[int, float]:
     """One epoch through the real ``server.run``/``client.run``; rank 0 reads the train
     phase back from the HDF5 file: (samples of all clients, seconds of the slowest)."""
     world = ctx.world
     if ctx.is_server:
-        me.schedule = schedule.make(policy, ctx.transport)
+        role.schedule = schedule.make(policy, ctx.transport)
         ctx.cfg.output = str(path)
-        writer = results.ResultsWriter(ctx.cfg, world.Get_size(), ctx.clients)
+        writer = results.ResultsWriter(ctx.cfg, world.Get_size(), ctx.client_count)
         world.Barrier()
         with contextlib.redirect_stdout(io.StringIO()):  # the run's own lines (logs._Console)
-            server.run(ctx, me, writer)
+            server.run(ctx, role, writer)
     else:
         world.Barrier()
-        client.run(ctx, me)
+        client.run(ctx, role)
     world.Barrier()
     if not ctx.is_server:
         return 0, 0.0
     with h5py.File(path, "r") as f:
         samples = sum(float(f[f"clients/{k}/train_samples"][-1])
-                      for k in range(1, ctx.clients + 1))
+                      for k in range(1, ctx.client_count + 1))
         seconds = max(float(f[f"clients/{k}/train_seconds"][-1])
-                      for k in range(1, ctx.clients + 1))
+                      for k in range(1, ctx.client_count + 1))
     path.unlink()
     return int(samples), seconds
 
@@ -128,7 +121,7 @@ def run(world: MPI.Comm, args) -> dict:
                          "(1 client) or -n 4 (3 clients) python -m splitmpi.bench train")
     clients = size - 1
     rank = world.Get_rank()
-    device_for(args.device, rank)  # refuse cuda without a GPU here, not in make_context
+    device_for(args.device, world)  # refuse cuda without a GPU here, not in make_context
     repeats = 1 if args.smoke else args.repeats
     warmup = 0 if args.smoke else args.warmup
     archs = args.arch.split(",")
@@ -141,7 +134,7 @@ def run(world: MPI.Comm, args) -> dict:
         cut = args.cut or {"cnn5": 2, "resnet50": "layer2"}[arch]
         cfg = _train_config(arch, cut, clients, args)
         ctx = make_context(cfg, world, clients)
-        me = server.prepare(ctx, None) if ctx.is_server else client.prepare(ctx)
+        role = server.prepare(ctx, None) if ctx.is_server else client.prepare(ctx)
         mono = Monolithic(cfg, clients, ctx.device) if rank == 0 else None
         settings[arch] = {"cut": cut, "batch_size": cfg.train.batch_size,
                           "image_size": cfg.data.image_size,
@@ -157,7 +150,7 @@ def run(world: MPI.Comm, args) -> dict:
                     quiet_barrier(world)
                 else:
                     path = folder / f"{arch}-{variant}-{rep}.h5" if rank == 0 else None
-                    got = _split_run(ctx, me, variant, path)
+                    got = _split_run(ctx, role, variant, path)
                 if rep >= 0 and rank == 0:
                     measured[variant].append(got[0] / got[1])
                 progress.update(1)

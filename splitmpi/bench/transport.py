@@ -60,7 +60,7 @@ def run(world: MPI.Comm, args) -> dict:
     repeats = 1 if args.smoke else args.repeats
     warmup = 0 if args.smoke else args.warmup
     rows = []
-    where = device_for(args.device, rank)  # before any collective: every rank refuses alike
+    where = device_for(args.device, world)
     pair = world.Split(0 if rank < 2 else MPI.UNDEFINED, rank)  # ranks 0 and 1 only
     if rank >= 2:
         quiet_barrier(world)
