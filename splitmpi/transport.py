@@ -41,6 +41,8 @@ HEADER_LEN = 3 + MAX_DIMS  # kind, dtype code, ndim, shape
 # Received tensors of at least this size land in recycled memory (see Transport._landing).
 RECYCLE_BYTES = 1 << 20
 RECYCLE_PER_SIZE = 4
+# Staging buffers kept per (destination, kind, shape, dtype) of outgoing CUDA tensors.
+STAGING_PER_KEY = 4
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # private; absent: no recycling
 
 
@@ -108,7 +110,8 @@ class Transport:
     ``wire_dtype`` applies to floating-point tensors of the activation and gradient kinds:
     they are cast before sending and cast back to float32 on receipt, halving the bytes
     for bf16/fp16. CUDA tensors are staged through reusable pinned host buffers unless
-    ``gpu_aware`` hands device memory to MPI directly. ``wait`` is the ``Waiter`` mode.
+    ``gpu_aware`` hands device memory to MPI directly (``_stages``). ``wait`` is the
+    ``Waiter`` mode.
     """
 
     WIRE_KINDS = (Kind.ACTIVATION, Kind.EVAL_ACTIVATION, Kind.FEATURES, Kind.FEATURE_GRAD,
@@ -125,6 +128,7 @@ class Transport:
         self.messages_sent = Counter()
         self.messages_received = Counter()
         self._pinned: dict[tuple, torch.Tensor] = {}
+        self._outgoing: dict[tuple, list[_Staged]] = defaultdict(list)
         self._recycled: dict[int, list[torch.UntypedStorage]] = defaultdict(list)
         self._header_in = np.empty(HEADER_LEN, dtype=HEADER)
         self.on_receive = None  # audit hook: f(source, kind, payload bytes)
@@ -135,14 +139,43 @@ class Transport:
             t = t.to(self.wire)
         return t.detach().contiguous()
 
+    def _stages(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` must be sent from a host copy: MPI that is not GPU-aware cannot
+        read device memory."""
+        return t.device.type == "cuda" and not self.gpu_aware
+
     def _staging(self, slot: tuple, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """A reusable pinned host buffer for CUDA tensors when MPI is not GPU-aware."""
+        """A reusable pinned host buffer to receive CUDA tensors into when MPI is not
+        GPU-aware (``recv`` copies it to the device before it returns, so one will do)."""
         key = (slot, shape, dtype)
         buf = self._pinned.get(key)
         if buf is None:
             buf = torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
             self._pinned[key] = buf
         return buf
+
+    def _send_staging(self, dest: int, kind: Kind, shape: tuple,
+                      dtype: torch.dtype) -> _Staged:
+        """A pinned host buffer to send a staged tensor from, one no send still reads.
+
+        MPI may read a send's buffer until the receiver matches it (MPICH does so for
+        messages of 8 KiB and more), and callers start the next send of the same shape
+        before they wait for the last (``client.evaluate``): refilling that buffer would
+        change the message in flight. So a buffer is reused only once its send is done;
+        else another is made, up to ``STAGING_PER_KEY``, beyond which the oldest send is
+        waited for (only with more sends in flight than that, which no caller has)."""
+        pool = self._outgoing[(dest, int(kind), shape, dtype)]
+        slot = next((s for s in pool if MPI.Request.Testall(s.requests)), None)
+        if slot is None and len(pool) >= STAGING_PER_KEY:
+            slot = pool[0]
+            self.waiter.waitall(slot.requests)
+        if slot is None:
+            slot = _Staged(torch.empty(shape, dtype=dtype,
+                                       pin_memory=torch.cuda.is_available()))
+        else:
+            pool.remove(slot)
+        pool.append(slot)  # oldest first
+        return slot
 
     def _landing(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         """A CPU tensor to receive into. Memory of >= 1 MiB is recycled once no tensor,
@@ -183,14 +216,17 @@ class Transport:
     def isend(self, t: torch.Tensor, dest: int, kind: Kind) -> list:
         """Start sending; returns requests that own their buffers (keep them until Waitall)."""
         t = self._wire(t, kind)
-        if t.device.type == "cuda" and not self.gpu_aware:
-            host = self._staging(("send", dest, int(kind)), tuple(t.shape), t.dtype)
-            host.copy_(t)  # synchronous: the staging buffer is ready when this returns
-            t = host
+        staged = None
+        if self._stages(t):
+            staged = self._send_staging(dest, kind, tuple(t.shape), t.dtype)
+            staged.buffer.copy_(t)  # synchronous: the staging buffer is ready when this returns
+            t = staged.buffer
         header = self._header(kind, t)
         payload = self._buffer(t)
         reqs = [self.comm.Isend(header, dest, int(kind)),
                 self.comm.Isend(payload, dest, int(kind))]
+        if staged is not None:
+            staged.requests = reqs  # completed by the caller's wait, or tested on reuse
         self.bytes_sent[kind] += header.nbytes + t.nbytes
         self.messages_sent[kind] += 2
         return [_Owned(r, (header, t, payload)) for r in reqs]
@@ -245,6 +281,16 @@ class Transport:
                 "bytes_received": sum(self.bytes_received.values()),
                 "messages_sent": sum(self.messages_sent.values()),
                 "messages_received": sum(self.messages_received.values())}
+
+
+class _Staged:
+    """A staging buffer and the requests of the last send from it."""
+
+    __slots__ = ("buffer", "requests")
+
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer = buffer
+        self.requests: list[MPI.Request] = []
 
 
 class _Owned:
