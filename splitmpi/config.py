@@ -118,6 +118,12 @@ class SplitConfig:
     or average and then re-estimate the running statistics on each client's data."""
     bn_recalibrate_batches: int = 20
     """recalibrate: at most this many training batches re-estimate the statistics."""
+    share_optimizer: Literal["keep", "average", "reset"] = "keep"
+    """What sharing does with the SGD momentum of the averaged parameters (docs/sharing.md):
+    keep each client's own (0.1's numbers), average it like the parameters, or reset it."""
+    share_weights: Literal["equal", "samples"] = "equal"
+    """How the clients weigh in the average: equal (the paper's plain mean) or by their
+    number of training samples (FedAvg's weighting)."""
 
     def validate(self) -> None:
         _at_least(1, "split", self, "bn_recalibrate_batches")

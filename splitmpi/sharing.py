@@ -1,5 +1,8 @@
 """Extractor sharing: average the clients' extractors with one Allreduce of one flat buffer.
 
+What the average weighs and what happens to the SGD momentum of the averaged parameters
+are ``split.share_weights`` and ``split.share_optimizer`` (``average_extractor``).
+
 BatchNorm needs care (``split.share_bn``, measured in ``docs/sharing.md``). Clients with
 different classes see different activation statistics, so the average of their running
 means and variances normalises no client's data the way training did, and the cloud and
@@ -34,38 +37,80 @@ def _norm_layers(module: nn.Module) -> list[_NORM]:
     return [m for m in module.modules() if isinstance(m, _NORM)]
 
 
-def shared_tensors(extractor: nn.Module, share_bn: str = "average") -> list[torch.Tensor]:
-    """What the clients average, in a fixed order: parameters (less BatchNorm's under
-    ``local``), then, under ``average`` only, the floating BatchNorm buffers (running
-    mean/var). Integer buffers (``num_batches_tracked``) count steps and are not averaged.
-    """
+def _shared(extractor: nn.Module,
+            share_bn: str) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+    """The parameters the clients average (less BatchNorm's under ``local``) and, under
+    ``average`` only, the floating BatchNorm buffers (running mean/var). Integer buffers
+    (``num_batches_tracked``) count steps and are not averaged."""
     norms = _norm_layers(extractor)
     kept = ({id(p) for m in norms for p in m.parameters(recurse=False)}
             if share_bn == "local" else set())
-    tensors = [p.data for p in extractor.parameters() if id(p) not in kept]
-    if share_bn == "average":
-        tensors += [b for b in extractor.buffers() if b.is_floating_point()]
-    return tensors
+    params = [p for p in extractor.parameters() if id(p) not in kept]
+    stats = ([b for b in extractor.buffers() if b.is_floating_point()]
+             if share_bn == "average" else [])
+    return params, stats
 
 
-def average_extractor(extractor: nn.Module, clients: MPI.Comm,
-                      share_bn: str = "average") -> int:
+def shared_tensors(extractor: nn.Module, share_bn: str = "average") -> list[torch.Tensor]:
+    """What the clients average, in a fixed order: the shared parameters, then the shared
+    BatchNorm statistics (``_shared``)."""
+    params, stats = _shared(extractor, share_bn)
+    return [p.data for p in params] + stats
+
+
+def _momentum_buffer(optimizer: torch.optim.Optimizer, p: nn.Parameter) -> torch.Tensor:
+    """``p``'s SGD momentum buffer, made zeros (and kept) where no step has made it yet."""
+    state = optimizer.state[p]
+    if state.get("momentum_buffer") is None:
+        state["momentum_buffer"] = torch.zeros_like(p)
+    return state["momentum_buffer"]
+
+
+def average_extractor(extractor: nn.Module, clients: MPI.Comm, share_bn: str = "average",
+                      optimizer: torch.optim.Optimizer | None = None,
+                      share_optimizer: str = "keep", samples: int | None = None) -> int:
     """Replace the shared part of every client's extractor by the mean over all clients;
-    returns the bytes reduced."""
-    tensors = shared_tensors(extractor, share_bn)
+    returns the bytes reduced.
+
+    ``samples`` None: every client weighs the same (the plain mean). Otherwise each client
+    scales its tensors by its ``samples`` before the sum and the sum is divided by the
+    total, which travels as one extra element of the same buffer.
+
+    ``share_optimizer`` is what happens to the SGD momentum of the shared parameters (the
+    momentum of what stays local is always kept): ``keep`` each client's own, which pulls
+    the identical extractors apart again for the next steps; ``average`` it in the same
+    buffer and with the same weights as the parameters; ``reset`` it (dropped, so the next
+    step starts it afresh from the gradient). A client that has no buffer yet counts as
+    zeros and gets the average: SGD (dampening 0) starts a missing buffer as the gradient,
+    which is what a zero buffer gives. SGD without momentum has no buffers: nothing to do.
+    """
+    params, stats = _shared(extractor, share_bn)
+    tensors = [p.data for p in params] + stats
+    momentum = optimizer is not None and optimizer.defaults.get("momentum", 0) != 0
+    if share_optimizer == "average" and momentum:
+        tensors += [_momentum_buffer(optimizer, p) for p in params]
     if not tensors:
         return 0
     sizes = [t.numel() for t in tensors]
+    total = sum(sizes)
+    length = total + (samples is not None)
     flat = _FLAT.get(extractor)
-    if flat is None or flat.numel() != sum(sizes):
-        flat = _FLAT[extractor] = torch.empty(sum(sizes), dtype=torch.float32)
-    torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors], out=flat)
+    if flat is None or flat.numel() != length:
+        flat = _FLAT[extractor] = torch.empty(length, dtype=torch.float32)
+    values = flat[:total]
+    torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors], out=values)
+    if samples is not None:
+        values *= samples
+        flat[total] = samples
     buffer = flat.numpy()
     clients.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
-    flat /= clients.Get_size()
+    values /= clients.Get_size() if samples is None else flat[total]
     with torch.no_grad():
-        for t, part in zip(tensors, flat.split(sizes)):
+        for t, part in zip(tensors, values.split(sizes)):
             t.copy_(part.view_as(t))
+    if share_optimizer == "reset" and momentum:
+        for p in params:
+            optimizer.state.get(p, {}).pop("momentum_buffer", None)
     return buffer.nbytes
 
 

@@ -1,5 +1,6 @@
-"""Sharing really averages the extractors over the client-only communicator, and with
-BatchNorm (ResNet-50) sharing learns as well as not sharing."""
+"""Sharing really averages the extractors over the client-only communicator (with every
+split.share_weights and split.share_optimizer), and with BatchNorm (ResNet-50) sharing
+learns as well as not sharing."""
 import numpy as np
 import pytest
 import torch
@@ -35,6 +36,50 @@ def test_cnn5_results_do_not_depend_on_share_bn(tmp_path):
     for k in a.clients:
         for name in ("train_loss", "test_loss", "test_accuracy", "share_bytes"):
             assert np.array_equal(a.clients[k][name], b.clients[k][name]), (k, name)
+
+
+# --- split.share_optimizer and split.share_weights end to end ----------------------------
+
+LEARN = (*mpirun.TINY, "train.epochs=8", "data.partition=[[0,1,2,3,4,5,6],[7,8,9]]")
+
+
+@pytest.fixture(scope="module")
+def two_clients(tmp_path_factory):
+    """cnn5 on two clients of 7 and 3 classes (training shards of 210 and 90 samples, so
+    the weighting matters), 8 epochs: ``two_clients(*overrides)`` -> the run's results,
+    made on first use and kept for the module."""
+    folder = tmp_path_factory.mktemp("learn")
+    runs = {}
+
+    def run(*overrides):
+        if overrides not in runs:
+            output = f"run{len(runs)}.h5"
+            mpirun.ok(3, *LEARN, *overrides, f"output={output}", cwd=folder)
+            runs[overrides] = reader.read(folder / output)
+        return runs[overrides]
+    return run
+
+
+def pooled_accuracy(results):
+    """Final test accuracy over every client's test samples."""
+    clients = results.clients.values()
+    return (sum(s["test_accuracy"][-1] * s["test_samples"][-1] for s in clients)
+            / sum(s["test_samples"][-1] for s in clients))
+
+
+@pytest.mark.parametrize("setting, times, plus", [("split.share_optimizer=average", 2, 0),
+                                                  ("split.share_optimizer=reset", 1, 0),
+                                                  ("split.share_weights=samples", 1, 4)])
+def test_share_optimizer_and_share_weights_learn(two_clients, setting, times, plus):
+    """Each non-default setting reaches the Allreduce (its buffer: the momentum doubles it,
+    the sample total adds one float32), every client's training loss falls, and test
+    accuracy is not below the defaults' by more than a few points."""
+    default, run = two_clients(), two_clients(setting)
+    for k, s in run.clients.items():
+        assert s["share_bytes"][-1] == times * default.clients[k]["share_bytes"][-1] + plus
+        assert s["train_loss"][-1] < 0.5 * s["train_loss"][0], (k, s["train_loss"])
+    assert pooled_accuracy(default) > 0.5  # chance: 0.2
+    assert pooled_accuracy(run) >= pooled_accuracy(default) - 0.05
 
 
 def test_recalibrate_re_estimates_the_statistics_of_the_weights_it_has():
