@@ -30,6 +30,10 @@ COMPLETE = "COMPLETE"
 VOLATILE = {"train": {"epochs", "resume", "checkpoint_every", "checkpoint_dir", "log_every",
                       "log_seconds", "device", "threads"},
             "attack": None, "output": None, "overwrite": None}
+# Keys added after 0.1, with the value that does what a checkpoint saved before they
+# existed did (None: irrelevant to such a run, so whatever the resuming run says).
+ADDED = {"split": {"share_bn": "average", "bn_recalibrate_batches": None,
+                   "share_optimizer": "keep", "share_weights": "equal"}}
 
 
 def directory(cfg: Config) -> Path:
@@ -125,12 +129,28 @@ def load(folder: Path, cfg: Config, world: MPI.Comm) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a splitmpi checkpoint", "point train.resume elsewhere")
     want = identity(cfg, world.Get_size())
-    if payload["identity"] != want:
-        diff = _differences(payload["identity"], want)
+    saved = _as_saved(payload["identity"], want)
+    if saved != want:
+        diff = _differences(saved, want)
         raise ConfigError(f"checkpoint {folder} was saved by a different run ({diff})",
                           "resume with the config and world size that saved it, or set "
                           "train.resume= (empty) and a new output to start afresh")
     return payload
+
+
+def _as_saved(saved: dict, current: dict) -> dict:
+    """A saved identity with the keys added since it was written filled in (``ADDED``):
+    an older run resumes when the new settings ask for what it did, e.g.
+    ``split.share_bn=average``, and the difference names them otherwise."""
+    filled = {key: dict(value) if isinstance(value, dict) else value
+              for key, value in saved.items()}
+    for section, added in ADDED.items():
+        if not isinstance(filled.get(section), dict):
+            continue
+        for name, value in added.items():
+            if name not in filled[section]:
+                filled[section][name] = current[section][name] if value is None else value
+    return filled
 
 
 def _differences(saved: dict, current: dict, prefix: str = "") -> str:

@@ -171,3 +171,28 @@ def test_resume_is_exact_with_batchnorm_recalibration(tmp_path):
     for k in full.clients:
         for name in SERIES:
             assert np.array_equal(full.clients[k][name], resumed.clients[k][name]), (k, name)
+
+
+def test_a_checkpoint_from_before_the_sharing_settings_resumes_as_it_ran(tmp_path):
+    """0.1 wrote no split.share_bn/share_optimizer/share_weights: its runs averaged
+    BatchNorm statistics, kept momentum and weighed clients equally. Asking for that
+    resumes; the new default (recalibrate) is named as the difference."""
+    from mpi4py import MPI
+
+    from splitmpi import checkpoint, config
+    from splitmpi.errors import ConfigError
+    old = checkpoint.identity(config.load(None, []), 1)
+    for name in ("share_bn", "bn_recalibrate_batches", "share_optimizer", "share_weights"):
+        del old["split"][name]
+    folder = tmp_path / "epoch-00001"
+    folder.mkdir()
+    torch.save({"format": checkpoint.FORMAT, "epoch": 1, "rank": 0, "state": {},
+                "identity": old}, folder / "rank-0.pt")
+    as_it_ran = config.load(None, ["split.share_bn=average"])
+    assert checkpoint.load(folder, as_it_ran, MPI.COMM_SELF)["epoch"] == 1
+    with pytest.raises(ConfigError, match="split.share_bn: saved 'average', now 'recalibrate'"):
+        checkpoint.load(folder, config.load(None, []), MPI.COMM_SELF)
+    with pytest.raises(ConfigError, match="split.share_weights: saved 'equal', now 'samples'"):
+        checkpoint.load(folder, config.load(None, ["split.share_bn=average",
+                                                   "split.share_weights=samples"]),
+                        MPI.COMM_SELF)
