@@ -110,9 +110,8 @@ def share(ctx: Context, client: Client, epoch: int) -> int:
     if split.share_bn == "recalibrate":
         sample = data.sample_loader(client.train_loader, ctx.cfg.train.seed, ctx.rank, epoch)
         with ctx.autocast():
-            sharing.recalibrate(client.extractor, (x.to(ctx.device, non_blocking=True)
-                                               for x, _ in sample),
-                                split.bn_recalibrate_batches)
+            inputs = (x.to(ctx.device, non_blocking=True) for x, _ in sample)
+            sharing.recalibrate(client.extractor, inputs, split.bn_recalibrate_batches)
     return reduced
 
 
