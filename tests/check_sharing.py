@@ -10,11 +10,12 @@ from mpi4py import MPI
 
 from splitmpi.config import ModelConfig
 from splitmpi.models import build
+from splitmpi.runtime import client_comm
 from splitmpi.sharing import _shared, average_extractor, shared_tensors
 
 world = MPI.COMM_WORLD
 rank = world.Get_rank()
-clients = world.Split(MPI.UNDEFINED if rank == 0 else 1, rank)
+clients = client_comm(world)  # None on the server
 
 
 def check_the_mean():
