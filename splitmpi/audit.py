@@ -37,6 +37,13 @@ class ServerAudit:
     def take(self, client: int) -> list[bytes]:
         return self.seen.pop(client, [])
 
+    def state_dict(self) -> dict:
+        """The epoch's digests so far, for a checkpoint taken within the epoch."""
+        return {k: list(v) for k, v in self.seen.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen.update({int(k): list(v) for k, v in state.items()})
+
 
 class ClientAudit:
     """Digests of this client's raw inputs and labels, as each would look on the wire."""
@@ -54,6 +61,14 @@ class ClientAudit:
         for row in x:  # a single sample sent alone is caught too
             self.inputs.add(digest(self.transport.payload(row, Kind.ACTIVATION)))
         self.labels.add(digest(self.transport.payload(y.detach().cpu(), Kind.LABELS)))
+
+    def state_dict(self) -> dict:
+        """The epoch's digests so far, for a checkpoint taken within the epoch."""
+        return {"inputs": sorted(self.inputs), "labels": sorted(self.labels)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inputs.update(state["inputs"])
+        self.labels.update(state["labels"])
 
     def check(self, received: list[bytes]) -> dict:
         result = {"messages_checked": len(received),

@@ -1,9 +1,13 @@
-"""Checkpoints at epoch boundaries: every rank saves its role's state, rank 0 marks the set
-complete, and the last two complete sets are kept.
+"""Checkpoints at epoch boundaries, and within an epoch when a signal stops the run: every
+rank saves its role's state, rank 0 marks the set complete, and the last two complete sets
+are kept.
 
 Layout: ``DIR/epoch-NNNNN/rank-R.pt`` (one plain dict per rank, written to a temporary file
-and renamed) and ``DIR/epoch-NNNNN/COMPLETE`` once every rank's file is in place. DIR is
-``train.checkpoint_dir`` or ``OUTPUT.ckpt``. Files are read with ``weights_only=True``: a
+and renamed) and ``DIR/epoch-NNNNN/COMPLETE`` once every rank's file is in place; NNNNN
+counts finished epochs. A set taken within epoch NNNNN+1 is ``epoch-NNNNN-step-SSSSSSS``
+(SSSSSSS: training steps the server had served in that epoch), and its states hold each
+rank's place in the epoch (``position``). DIR is ``train.checkpoint_dir`` or
+``OUTPUT.ckpt``. Files are read with ``weights_only=True``: a
 checkpoint that would need arbitrary pickled objects (and could run code) is refused.
 """
 from __future__ import annotations
@@ -26,9 +30,11 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 KEEP = 2
 COMPLETE = "COMPLETE"
-# Keys that may differ between the run that saved and the run that resumes.
+# Keys that may differ between the run that saved and the run that resumes (data.workers
+# and clients.delay_ms change no number: ``data.EpochOrder``, a sleep).
 VOLATILE = {"train": {"epochs", "resume", "checkpoint_every", "checkpoint_dir", "log_every",
                       "log_seconds", "device", "threads"},
+            "data": {"workers"}, "clients": {"delay_ms"},
             "attack": None, "output": None, "overwrite": None}
 # Keys added after 0.1, with the value that does what a checkpoint saved before they
 # existed did (None: irrelevant to such a run, so whatever the resuming run says).
@@ -42,26 +48,41 @@ def directory(cfg: Config) -> Path:
 
 def identity(cfg: Config, world_size: int) -> dict:
     """What must match for a checkpoint to be resumed: the config less VOLATILE keys."""
-    d = cfg.to_dict()
-    for key, names in VOLATILE.items():
-        if names is None:
-            d.pop(key, None)
-        else:
-            for name in names:
-                d[key].pop(name, None)
+    d = _stable(cfg.to_dict())
     d["world_size"] = world_size
     return d
 
 
+def _stable(d: dict) -> dict:
+    """``d`` less the VOLATILE keys (a saved identity may hold some: older runs kept them)."""
+    for key, names in VOLATILE.items():
+        if names is None:
+            d.pop(key, None)
+        elif isinstance(d.get(key), dict):
+            for name in names:
+                d[key].pop(name, None)
+    return d
+
+
+def _place(folder: Path) -> tuple[int, int]:
+    """(finished epochs, steps into the next) of a checkpoint folder's name."""
+    parts = folder.name.split("-")
+    return int(parts[1]), int(parts[3]) if len(parts) == 4 else -1
+
+
 def _complete(root: Path) -> list[Path]:
     found = [p for p in root.glob("epoch-*") if (p / COMPLETE).exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=_place)
 
 
-def save(world: MPI.Comm, cfg: Config, epoch: int, state: dict) -> Path:
-    """Collective. ``epoch`` counts finished epochs; ``state`` is this rank's role state."""
+def save(world: MPI.Comm, cfg: Config, epoch: int, state: dict,
+         steps: int | None = None) -> Path:
+    """Collective. ``epoch`` counts finished epochs, ``steps`` those served in the next
+    (rank 0's count; None at an epoch boundary); ``state`` is this rank's role state."""
     rank = world.Get_rank()
-    folder = directory(cfg) / f"epoch-{epoch:05d}"
+    steps = world.bcast(steps, root=0)
+    name = f"epoch-{epoch:05d}" + (f"-step-{steps:07d}" if steps is not None else "")
+    folder = directory(cfg) / name
     folder.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "epoch": epoch, "rank": rank,
                "identity": identity(cfg, world.Get_size()), "state": state}
@@ -108,7 +129,7 @@ def locate(cfg: Config) -> Path | None:
 
 
 def epochs_of(folder: Path) -> int:
-    return int(folder.name.split("-")[1])
+    return _place(folder)[0]
 
 
 def load(folder: Path, cfg: Config, world: MPI.Comm) -> dict:
@@ -142,8 +163,8 @@ def _as_saved(saved: dict, current: dict) -> dict:
     """A saved identity with the keys added since it was written filled in (``ADDED``):
     an older run resumes when the new settings ask for what it did, e.g.
     ``split.share_bn=average``, and the difference names them otherwise."""
-    filled = {key: dict(value) if isinstance(value, dict) else value
-              for key, value in saved.items()}
+    filled = _stable({key: dict(value) if isinstance(value, dict) else value
+                      for key, value in saved.items()})
     for section, added in ADDED.items():
         if not isinstance(filled.get(section), dict):
             continue
@@ -175,6 +196,14 @@ def boundary(world: MPI.Comm, cfg: Config, epochs_done: int, state, decision=Non
         if world.Get_rank() == 0:  # the set is rank 0's to mark complete, and to announce
             log.info(f"checkpoint {folder} written")
     return stop
+
+
+def save_within(world: MPI.Comm, cfg: Config, epochs_done: int, state: dict,
+                steps: int | None = None) -> None:
+    """Collective: the checkpoint of a run that a signal stopped within an epoch."""
+    folder = save(world, cfg, epochs_done, state, steps)
+    if world.Get_rank() == 0:
+        log.info(f"checkpoint {folder} written")
 
 
 def rng_state() -> dict:

@@ -3,16 +3,26 @@
 One epoch, as the server sees it (``server.py`` is the other half of each step):
   train phase  - per batch: send activation -> (u_shape) get features, classifier, loss,
                  send feature grad -> get activation grad, extractor backward, step.
-                 An empty activation ends the phase.
+                 An empty activation ends the phase. Then the server's verdict: go on, or
+                 stop here (a signal came).
   share        - extractors averaged over the client communicator (``split.share``);
                  under split.share_bn=recalibrate each client then re-estimates the
                  extractor's BatchNorm statistics on its own training data.
   eval phase   - per test batch: send activation -> get features/logits (the next batch's
                  forward runs meanwhile); then an empty activation and this epoch's
                  report (metrics, counters) to rank 0.
+
+Stopping mid-epoch (SIGUSR1/SIGTERM): a client with a signal sends, at its next step
+boundary, an empty activation flagged STOP instead of its next batch. A server that is
+stopping (its own signal, or such a flag) answers each client's next request with an empty
+reply flagged STOP and does not serve it; the client then undoes that request's forward
+(BatchNorm statistics, random state) as if it never ran. Either way the client ends its
+phase at a step boundary, the verdict says stop, and every rank writes a checkpoint with
+its place in the epoch (``Client.position``), from which a resumed run goes on exactly.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -24,7 +34,9 @@ from . import checkpoint, data, models, sharing
 from .audit import ClientAudit
 from .defense import Defense
 from .runtime import SERVER, Context
-from .transport import Kind
+from .transport import Flag, Kind
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +49,7 @@ class Client:
     test_loader: torch.utils.data.DataLoader
     classes: list[int]
     audit: ClientAudit | None  # audit=true: digests of this client's raw inputs and labels
+    position: dict | None = None  # a mid-epoch checkpoint's place in its epoch, until resumed
 
 
 class Step(NamedTuple):
@@ -65,8 +78,8 @@ def state(client: Client) -> dict:
     return {"extractor": client.extractor.state_dict(),
             "classifier": client.classifier.state_dict() if client.classifier is not None else {},
             "optimizer": client.optimizer.state_dict() if client.optimizer is not None else {},
-            "data_order": client.train_loader.generator.get_state(),
-            "rng": checkpoint.rng_state()}
+            "rng": checkpoint.rng_state(), "position": client.position or {},
+            "audit": client.audit.state_dict() if client.audit and client.position else {}}
 
 
 def restore(client: Client, saved: dict) -> None:
@@ -75,15 +88,24 @@ def restore(client: Client, saved: dict) -> None:
         client.classifier.load_state_dict(saved["classifier"])
     if client.optimizer is not None:
         client.optimizer.load_state_dict(saved["optimizer"])
-    client.train_loader.generator.set_state(saved["data_order"])
     checkpoint.set_rng_state(saved["rng"])
+    client.position = saved.get("position") or None
+    if client.audit and saved.get("audit"):
+        client.audit.load_state_dict(saved["audit"])
 
 
 def run(ctx: Context, client: Client, start: int = 0) -> bool:
     """Epochs ``start``.. to the end; True when a signal stopped the run after a checkpoint."""
     ctx.world.gather(len(client.train_loader.dataset), root=SERVER)  # for the server's progress
     for epoch in range(start, ctx.cfg.train.epochs):
-        train = train_epoch(ctx, client)
+        train = train_epoch(ctx, client, epoch)
+        if ctx.transport.recv(SERVER, Kind.VERDICT).item():
+            client.position = train["position"]
+            checkpoint.save_within(ctx.world, ctx.cfg, epoch, state(client))
+            log.info(f"client {ctx.rank} stopped within epoch {epoch + 1} after "
+                     f"{train['position']['batches']} batches ({ctx.stop.after()})")
+            return True
+        del train["position"]
         shared_bytes = share(ctx, client, epoch) if ctx.cfg.split.share else 0
         test = evaluate(ctx, client)
         report = {"epoch": epoch, "classes": client.classes, **train, **test,
@@ -121,30 +143,77 @@ def _end_phase(ctx: Context, kind: Kind, like: torch.Tensor | None) -> None:
     ctx.transport.send(torch.empty(shape), SERVER, kind)
 
 
-def train_epoch(ctx: Context, client: Client) -> dict:
-    """One pass over the shard. The next batch is loaded while the server works on the
-    current one (prefetch only: every step still uses the weights of the step before)."""
+def train_epoch(ctx: Context, client: Client, epoch: int) -> dict:
+    """One pass over the shard, from a mid-epoch checkpoint's place if there is one. The
+    next batch is loaded while the server works on the current one (prefetch only: every
+    step still uses the weights of the step before). ``position`` in the result is the
+    place reached, for a checkpoint should the server's verdict be to stop."""
     client.extractor.train()
     client.defense.train()
     if client.classifier is not None:
         client.classifier.train()
-    loss_sum, correct, seen = 0.0, 0, 0
-    start = time.perf_counter()
-    batches = iter(client.train_loader)
-    batch = next(batches, None)
+    place = client.position or {"batches": 0, "loss": 0.0, "correct": 0, "seen": 0,
+                                "seconds": 0.0, "counters": {}}
+    client.position = None
+    ctx.transport.carry(place["counters"])
+    at_start = _minus(ctx.transport.counters(), place["counters"])
+    loss_sum, correct, seen, done = place["loss"], place["correct"], place["seen"], 0
+    start = time.perf_counter() - place["seconds"]
+    loader = client.train_loader
+    loader.sampler.set_epoch(epoch, start=place["batches"] * loader.batch_size)
+    batches = iter(loader)
+    batch, like, stop = next(batches, None), None, False
     while batch is not None:
+        if ctx.stop.signal:  # tell the server, at this step boundary
+            stop = True
+            break
         x, y = batch
-        if client.audit:
-            client.audit.see(x, y)
+        undo = _undo_point(ctx, client)
         step, sends = _send_activation(ctx, client, x, y)
         batch = next(batches, None)  # overlaps the server's forward
-        batch_loss, batch_correct = _finish_step(ctx, client, step, sends)
+        result = _finish_step(ctx, client, step, sends)
+        if result is None:  # the server is stopping: this step did not happen
+            undo()
+            break
+        if client.audit:
+            client.audit.see(x, y)
+        ctx.stop.steps += 1
+        batch_loss, batch_correct = result
         loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(y)
+        done, like = done + 1, step.sent
+    else:
+        _end_phase(ctx, Kind.ACTIVATION, like)
+    if stop:
+        ctx.transport.stopping = True
+        _end_phase(ctx, Kind.ACTIVATION, like)
+        ctx.transport.stopping = False
     seconds = time.perf_counter() - start
-    _end_phase(ctx, Kind.ACTIVATION, step.sent if seen else None)
+    position = {"batches": place["batches"] + done, "loss": loss_sum, "correct": correct,
+                "seen": seen, "seconds": seconds,
+                "counters": _minus(ctx.transport.counters(), at_start)}
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
             "train_samples": seen, "train_seconds": seconds,
-            "samples_per_s": seen / seconds if seconds > 0 else 0.0}
+            "samples_per_s": seen / seconds if seconds > 0 else 0.0, "position": position}
+
+
+def _minus(a: dict, b: dict) -> dict:
+    return {name: value - b.get(name, 0) for name, value in a.items()}
+
+
+def _undo_point(ctx: Context, client: Client):
+    """What a step's forward changes before the server has answered: the extractor's and
+    the defense's buffers (BatchNorm statistics) and the random state. Returns the function
+    that puts them back, for a request the server turns down because it is stopping."""
+    kept = [(b, b.clone()) for m in (client.extractor, client.defense) for b in m.buffers()]
+    rng = checkpoint.rng_state()
+
+    def undo() -> None:
+        with torch.no_grad():
+            for live, saved in kept:
+                live.copy_(saved)
+        checkpoint.set_rng_state(rng)
+
+    return undo
 
 
 def _delay(ctx: Context) -> None:
@@ -173,14 +242,22 @@ def _send_activation(ctx: Context, client: Client, x: torch.Tensor, y: torch.Ten
 
 
 def _finish_step(ctx: Context, client: Client, step: Step, sends: list):
-    """The rest of the step: loss (here or on the server), backward, optimizer step."""
+    """The rest of the step: loss (here or on the server), backward, optimizer step.
+    Returns (loss sum, hits), or None when the server turned the request down (stopping)."""
     t, dev = ctx.transport, ctx.device
     y, sent, penalty = step
     if client.classifier is None:
         stats = t.recv(SERVER, Kind.LOSS)
+        if t.flags & Flag.STOP:
+            t.wait(sends)
+            return None
         batch_loss, batch_correct = float(stats[0]), int(stats[1])
     else:
-        h = t.recv(SERVER, Kind.FEATURES, dev).requires_grad_()
+        h = t.recv(SERVER, Kind.FEATURES, dev)
+        if t.flags & Flag.STOP:
+            t.wait(sends)
+            return None
+        h.requires_grad_()
         with ctx.autocast():
             logits = client.classifier(h)
             loss = nn.functional.cross_entropy(logits.float(), y)

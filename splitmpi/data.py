@@ -335,26 +335,82 @@ def client_datasets(cfg: Config, client: int, clients: int) -> tuple[Dataset, Da
             [int(c) for c in classes])
 
 
+class EpochOrder(torch.utils.data.Sampler):
+    """The training order of one client's shard: a permutation per epoch drawn from
+    (seed, client, epoch, stream), each sample with a seed of its own for its random
+    augmentation.
+
+    An epoch's order and augmentations depend on nothing else: not on how many epochs this
+    process ran before (a resumed run sees what the uninterrupted one saw), nor on the
+    loader's workers (``data.workers`` changes no batch). ``start`` skips the samples of
+    the steps a mid-epoch checkpoint already took. Each full pass moves to the next epoch,
+    so a plain ``for batch in loader`` loop sees a new order every time.
+    """
+
+    def __init__(self, size: int, seed: int, client: int, stream: int = 0):
+        self.size, self.seed, self.client, self.stream = size, seed, client, stream
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.size - self.start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(
+            _client_seed(self.seed, self.client, self.epoch, self.stream))
+        order = torch.randperm(self.size, generator=g).tolist()
+        seeds = torch.randint(2**62, (self.size,), generator=g).tolist()
+        start, self.epoch, self.start = self.start, self.epoch + 1, 0
+        yield from zip(order[start:], seeds[start:])
+
+
+class Seeded(Dataset):
+    """A data set indexed by (index, seed), as ``EpochOrder`` yields them: the sample's
+    random transforms draw from its own seed, in a worker or in this process alike, and
+    leave this process's random state as it was (training draws from it: dropout, noise)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return self.dataset[index]
+
+
+TRAIN_STREAM, SAMPLE_STREAM = 0, 1  # EpochOrder streams: training, BatchNorm recalibration
+
+
 def client_loaders(cfg: Config, client: int,
                    clients: int) -> tuple[DataLoader, DataLoader, list[int]]:
-    """Train and test loaders of one client; the train order depends only on (seed, client).
-
-    Random augmentations run in the loader's workers (seeded from the same generator) or,
-    with data.workers=0, in this process under torch's global seed.
-    """
+    """Train and test loaders of one client. The train loader's ``sampler`` is an
+    ``EpochOrder``: order and augmentations are a function of (seed, client, epoch)."""
     train, test, classes = client_datasets(cfg, client, clients)
     workers = cfg.data.workers
     common = dict(batch_size=cfg.train.batch_size, drop_last=False, num_workers=workers,
                   persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
-    order = torch.Generator().manual_seed(_client_seed(cfg.train.seed, client))
-    return (DataLoader(train, shuffle=True, generator=order, **common),
-            DataLoader(test, shuffle=False, **common), classes)
+    order = EpochOrder(len(train), cfg.train.seed, client, TRAIN_STREAM)
+    return (DataLoader(Seeded(train), sampler=order, generator=_unused(), **common),
+            DataLoader(test, shuffle=False, generator=_unused(), **common), classes)
+
+
+def _unused() -> torch.Generator:
+    """For the loader's workers' base seed, which it would otherwise draw from the
+    process's generator at every ``iter()``: nothing random depends on it any more."""
+    return torch.Generator().manual_seed(0)
 
 
 def sample_loader(loader: DataLoader, seed: int, client: int, epoch: int) -> DataLoader:
-    """``loader``'s data in a shuffled order of its own, drawn from (seed, client, epoch):
-    a sample of the training shard that leaves the training order's generator alone."""
-    order = torch.Generator().manual_seed(_client_seed(seed, client, epoch))
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True,
-                      generator=order, num_workers=loader.num_workers,
+    """``loader``'s data in an order of its own, drawn from (seed, client, epoch): a
+    sample of the training shard that leaves the training order alone."""
+    order = EpochOrder(len(loader.dataset), seed, client, SAMPLE_STREAM)
+    order.set_epoch(epoch)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=order,
+                      generator=_unused(), num_workers=loader.num_workers,
                       pin_memory=loader.pin_memory)

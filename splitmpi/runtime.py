@@ -20,16 +20,31 @@ STOPPED = 75  # exit code: stopped by SIGUSR1/SIGTERM after a checkpoint; resume
 
 
 class StopFlag:
-    """Set by SIGUSR1 (Slurm's --signal) or SIGTERM (preemption); every rank acts on it at
-    the next epoch boundary, after a checkpoint."""
+    """Set by SIGUSR1 (Slurm's --signal) or SIGTERM (preemption). A rank that gets it
+    stops at its next training step boundary (or at the epoch's end outside the training
+    phase), tells the others through the messages of the step (``transport.Flag.STOP``),
+    and every rank writes a checkpoint holding its place in the epoch (``client.py``,
+    ``server.py``). ``steps`` counts this rank's training steps; ``signal_step`` is the
+    count when the signal came, so the log can say how many steps the stop took."""
 
     def __init__(self):
         self.signal = 0
+        self.steps = 0
+        self.signal_step: int | None = None
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._set)
 
     def _set(self, signum, frame) -> None:
+        if not self.signal:
+            self.signal_step = self.steps
         self.signal = signum
+
+    def after(self) -> str:
+        """How many steps this rank took between its signal and the stop, for the log."""
+        if self.signal_step is None:
+            return "no signal here"
+        return (f"signal {self.signal} at training step {self.signal_step}, "
+                f"{self.steps - self.signal_step} step(s) before stopping")
 
 
 @dataclass

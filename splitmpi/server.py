@@ -9,6 +9,12 @@ One epoch, as the clients see it (``client.py`` is the other half of each step):
   eval phase   - per request: get activation -> forward -> send features/logits.
   reports      - one report per client; one HDF5 row per series; one log line per client.
 
+Stopping mid-epoch: once the server is stopping (its own SIGUSR1/SIGTERM, or a client's
+empty activation flagged STOP), it serves no more training requests: each client's next one
+is answered with an empty reply flagged STOP (``client.py`` undoes its forward). When every
+client has ended its phase, the verdict after the train phase tells each client whether to
+go on or to stop; on stop, every rank checkpoints its place in the epoch and exits 75.
+
 Progress lines during the train phase (``train.log_every``, ``train.log_seconds``) count
 the samples served per client against each client's shard size, which every client
 sends once at the start of ``run``: the server has no data of its own to count.
@@ -27,7 +33,7 @@ from . import checkpoint, models, results, schedule
 from .audit import ServerAudit
 from .logs import Pace, Progress
 from .runtime import SERVER, Context
-from .transport import Kind
+from .transport import Flag, Kind
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,7 @@ class Server:
     send_grad: bool  # False when the clients' extractors have nothing to learn (cnn5 cut 0)
     audit: ServerAudit | None  # audit=true: digests of every message received
     replies: dict = field(default_factory=dict)  # eval features in flight, per client
+    position: dict | None = None  # a mid-epoch checkpoint's place in its epoch, until resumed
 
 
 def prepare(ctx: Context, resume_epochs: int | None) -> Server:
@@ -62,7 +69,8 @@ def state(server: Server) -> dict:
     return {"cloud": server.cloud.state_dict(),
             "head": server.head.state_dict() if server.head is not None else {},
             "optimizer": server.optimizer.state_dict(), "schedule": server.schedule.state_dict(),
-            "rng": checkpoint.rng_state()}
+            "rng": checkpoint.rng_state(), "position": server.position or {},
+            "audit": server.audit.state_dict() if server.audit and server.position else {}}
 
 
 def restore(server: Server, saved: dict) -> None:
@@ -72,6 +80,9 @@ def restore(server: Server, saved: dict) -> None:
     server.optimizer.load_state_dict(saved["optimizer"])
     server.schedule.load_state_dict(saved["schedule"])
     checkpoint.set_rng_state(saved["rng"])
+    server.position = saved.get("position") or None
+    if server.audit and saved.get("audit"):
+        server.audit.load_state_dict(saved["audit"])
 
 
 def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int = 0) -> bool:
@@ -80,12 +91,36 @@ def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int 
     shards = ctx.world.gather(None, root=SERVER)[1:]  # training samples per client
     rest = 0.0  # the last epoch's time after its train phase: sharing, evaluation, reports
     for epoch in range(start, cfg.train.epochs):
-        began = time.perf_counter()
+        place = server.position or {"stats": {}, "served": {}, "seconds": 0.0, "counters": {}}
+        server.position = None
+        ctx.transport.carry(place["counters"])
+        at_start = {name: value - place["counters"].get(name, 0)
+                    for name, value in ctx.transport.counters().items()}
+        began = time.perf_counter() - place["seconds"]
         title = f"epoch {epoch + 1}/{cfg.train.epochs}"
-        progress = Progress(log, title, sum(shards), "samples", Pace.of(cfg.train),
-                            totals={f"client {k}": n for k, n in enumerate(shards, 1)},
-                            after=rest, repeats=cfg.train.epochs - epoch - 1)
-        served = serve_phase(ctx, server, Kind.ACTIVATION, train_step, progress)
+        left = {f"client {k}": n - place["served"].get(k, 0) for k, n in enumerate(shards, 1)}
+        progress = Progress(log, title, sum(left.values()), "samples", Pace.of(cfg.train),
+                            totals=left, after=rest, repeats=cfg.train.epochs - epoch - 1)
+        served, stopped = serve_phase(ctx, server, Kind.ACTIVATION, train_step, progress,
+                                      place["stats"])
+        for k in range(1, ctx.client_count + 1):
+            ctx.transport.send(torch.tensor([int(bool(stopped))]), k, Kind.VERDICT)
+        if stopped:
+            steps = sum(s["batches_served"] for s in served.values())
+            server.position = {
+                "stats": served, "seconds": time.perf_counter() - began,
+                "served": {k: place["served"].get(k, 0) + progress.parts[f"client {k}"]
+                           for k in served},
+                "counters": {name: value - at_start[name]
+                             for name, value in ctx.transport.counters().items()}}
+            checkpoint.save_within(ctx.world, cfg, epoch, state(server), steps)
+            writer.close()
+            how = ", ".join(f"client {k} {what}" for k, what in sorted(stopped.items()))
+            log.info(f"stopped by a signal within epoch {epoch + 1}, after {steps} training "
+                     f"steps (server: {ctx.stop.after()}; {how}); rerun with "
+                     "train.resume=auto to go on from there")
+            return True
+        ctx.transport.stopping = False
         trained = time.perf_counter()
         serve_phase(ctx, server, Kind.EVAL_ACTIVATION, eval_step)
         for sends in server.replies.values():
@@ -134,30 +169,57 @@ def audit_epoch(ctx: Context, audit: ServerAudit, reports: dict[int, dict]) -> N
 
 
 def serve_phase(ctx: Context, server: Server, kind: Kind, step,
-                progress: Progress | None = None) -> dict[int, dict]:
+                progress: Progress | None = None,
+                carried: dict | None = None) -> tuple[dict[int, dict], dict[int, str]]:
     """Serve requests on ``kind`` in schedule order until every client has ended the phase;
-    each request served counts its samples into ``progress``."""
-    active = list(range(1, ctx.client_count + 1))
+    each request served counts its samples into ``progress``. ``carried``: the stats of
+    the part of the phase before a mid-epoch checkpoint. In the train phase (``progress``
+    given) a signal stops serving (module doc); returns the stats per client and the
+    clients that stopped before the end of their shard, with how."""
+    t = ctx.transport
+    active, stopped = list(range(1, ctx.client_count + 1)), {}
     stats = defaultdict(lambda: {"batches_served": 0, "queue_wait_seconds": 0.0,
                                  "server_busy_seconds": 0.0, "phase_end_seconds": 0.0})
+    stats.update({int(k): dict(v) for k, v in (carried or {}).items()})
     start = time.perf_counter()
     while active:
+        if progress is not None and ctx.stop.signal:
+            t.stopping = True
         waited = time.perf_counter()
         k = server.schedule.next(active, kind)
-        a = ctx.transport.recv(k, kind, ctx.device)
+        a = t.recv(k, kind, ctx.device)
         began = time.perf_counter()
         if a.shape[0] == 0:
             active.remove(k)
-            stats[k]["phase_end_seconds"] = began - start
+            if t.flags & Flag.STOP:  # the client had a signal: stop everyone
+                t.stopping = True
+                stopped[k] = "had a signal"
+            else:
+                stats[k]["phase_end_seconds"] = began - start
+            continue
+        if progress is not None and t.stopping:
+            turn_down(ctx, server, k)
+            active.remove(k)
+            stopped[k] = "turned down"
             continue
         step(ctx, server, k, a)
+        ctx.stop.steps += progress is not None
         s = stats[k]
         s["batches_served"] += 1
         s["queue_wait_seconds"] += began - waited
         s["server_busy_seconds"] += time.perf_counter() - began
         if progress is not None:
             progress.update(a.shape[0], f"client {k}")
-    return {k: stats[k] for k in range(1, ctx.client_count + 1)}
+    return {k: stats[k] for k in range(1, ctx.client_count + 1)}, stopped
+
+
+def turn_down(ctx: Context, server: Server, k: int) -> None:
+    """Answer a training request with an empty reply flagged STOP instead of serving it
+    (the server is stopping); in label_sharing its labels are taken and dropped."""
+    if server.head is not None:
+        ctx.transport.recv(k, Kind.LABELS)
+    reply = Kind.FEATURES if server.head is None else Kind.LOSS
+    ctx.transport.send(torch.empty(0), k, reply)
 
 
 def train_step(ctx: Context, server: Server, k: int, a: torch.Tensor) -> None:

@@ -27,8 +27,15 @@ class Kind(enum.IntEnum):
     FEATURE_GRAD = 22  # client -> server: gradient w.r.t. the cloud output (u_shape)
     ACTIVATION_GRAD = 23  # server -> client: gradient w.r.t. the activation
     LOSS = 24  # server -> client: (loss, correct) of a label_sharing training batch
+    VERDICT = 25  # server -> client, after each train phase: 1 = stop here, 0 = go on
     REPORT = 31  # client -> server: end of epoch, the client's metrics (small, pickled)
     AUDIT = 32  # server <-> client, audit=true: message digests, then match counts (pickled)
+
+
+class Flag(enum.IntFlag):
+    """Bits of a message's header."""
+
+    STOP = 1  # the sender is stopping at this step (a signal): see client.py and server.py
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
@@ -37,7 +44,12 @@ DTYPE_CODE = {dt: i for i, dt in enumerate(DTYPES)}
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_DIMS = 8
 HEADER = np.dtype(np.int64)
-HEADER_LEN = 3 + MAX_DIMS  # kind, dtype code, ndim, shape
+FIELDS = ("kind", "dtype", "ndim", "flags", "scale", "sent_ns")
+HEADER_LEN = len(FIELDS) + MAX_DIMS  # then the shape
+# float16 on the wire: a tensor is scaled by a power of two that puts its largest magnitude
+# in [2**14, 2**15) before the cast (gradients are mostly below float16's smallest normal
+# number otherwise), and scaled back on receipt; powers of two change no digit.
+FLOAT16_TOP_EXPONENT = 14
 # Received tensors of at least this size land in recycled memory (see Transport._landing).
 RECYCLE_BYTES = 1 << 20
 RECYCLE_PER_SIZE = 4
@@ -132,12 +144,20 @@ class Transport:
         self._recycled: dict[int, list[torch.UntypedStorage]] = defaultdict(list)
         self._header_in = np.empty(HEADER_LEN, dtype=HEADER)
         self.on_receive = None  # audit hook: f(source, kind, payload bytes)
+        self.stopping = False  # set: every message sent carries Flag.STOP
+        self.flags = Flag(0)  # of the last message received
+        self.sent_ns = 0  # the sender's time.monotonic_ns() when it sent that message
 
     # -- buffers -----------------------------------------------------------------------
-    def _wire(self, t: torch.Tensor, kind: Kind) -> torch.Tensor:
+    def _wire(self, t: torch.Tensor, kind: Kind) -> tuple[torch.Tensor, int]:
+        """The tensor as it crosses the wire, and the power of two it was scaled by."""
+        t = t.detach()
+        scale = 0
         if kind in self.WIRE_KINDS and t.is_floating_point() and t.dtype != self.wire:
+            if self.wire == torch.float16:
+                t, scale = _scaled_for_float16(t)
             t = t.to(self.wire)
-        return t.detach().contiguous()
+        return t.contiguous(), scale
 
     def _stages(self, t: torch.Tensor) -> bool:
         """Whether ``t`` must be sent from a host copy: MPI that is not GPU-aware cannot
@@ -199,29 +219,30 @@ class Transport:
             return [t.reshape(-1).view(torch.uint8), MPI.BYTE]
         return _cpu_buffer(t)
 
-    @staticmethod
-    def _header(kind: Kind, t: torch.Tensor) -> np.ndarray:
+    def _header(self, kind: Kind, t: torch.Tensor, scale: int) -> np.ndarray:
         if t.dim() > MAX_DIMS:
             raise ValueError(f"tensors of more than {MAX_DIMS} dimensions cannot be sent")
         h = np.zeros(HEADER_LEN, dtype=HEADER)
-        h[0], h[1], h[2] = int(kind), DTYPE_CODE[t.dtype], t.dim()
-        h[3:3 + t.dim()] = t.shape
+        flags = Flag.STOP if self.stopping else 0
+        h[:len(FIELDS)] = (int(kind), DTYPE_CODE[t.dtype], t.dim(), flags, scale,
+                           time.monotonic_ns())
+        h[len(FIELDS):len(FIELDS) + t.dim()] = t.shape
         return h
 
     def payload(self, t: torch.Tensor, kind: Kind) -> np.ndarray:
         """The bytes a CPU tensor would cross the wire as (after the wire-dtype cast)."""
-        return _bytes_view(self._wire(t, kind))
+        return _bytes_view(self._wire(t, kind)[0])
 
     # -- sending -----------------------------------------------------------------------
     def isend(self, t: torch.Tensor, dest: int, kind: Kind) -> list:
         """Start sending; returns requests that own their buffers (keep them until Waitall)."""
-        t = self._wire(t, kind)
+        t, scale = self._wire(t, kind)
         staged = None
         if self._stages(t):
             staged = self._send_staging(dest, kind, tuple(t.shape), t.dtype)
             staged.buffer.copy_(t)  # synchronous: the staging buffer is ready when this returns
             t = staged.buffer
-        header = self._header(kind, t)
+        header = self._header(kind, t, scale)
         payload = self._buffer(t)
         reqs = [self.comm.Isend(header, dest, int(kind)),
                 self.comm.Isend(payload, dest, int(kind))]
@@ -249,7 +270,8 @@ class Transport:
         """Receive one tensor of ``kind``; wire-cast kinds come back as ``dtype`` (float32)."""
         header = self._header_in
         self.waiter.recv(self.comm, header, source, int(kind))
-        got, code, ndim, *dims = header.tolist()
+        got, code, ndim, flags, scale, sent_ns, *dims = header.tolist()
+        self.flags, self.sent_ns = Flag(flags), sent_ns
         if got != int(kind):
             raise RuntimeError(f"protocol error: expected {kind.name} from rank {source}, "
                                f"got kind {got}")
@@ -271,16 +293,38 @@ class Transport:
         self.bytes_received[kind] += header.nbytes + out.nbytes
         self.messages_received[kind] += 2
         if kind in self.WIRE_KINDS and out.is_floating_point():
+            if scale:  # float16 on the wire, scaled by 2**scale: exactly undone in float32
+                out = torch.ldexp(out.float(), torch.tensor(-scale, dtype=torch.int32,
+                                                            device=out.device))
             out = out.to(dtype or torch.float32)  # a no-op when it came as float32
         return out
 
     # -- accounting --------------------------------------------------------------------
     def counters(self) -> dict:
-        """Totals since the start: bytes and messages, sent and received."""
+        """Totals since the start (and those ``carry`` took over): bytes and messages, sent
+        and received."""
         return {"bytes_sent": sum(self.bytes_sent.values()),
                 "bytes_received": sum(self.bytes_received.values()),
                 "messages_sent": sum(self.messages_sent.values()),
                 "messages_received": sum(self.messages_received.values())}
+
+    def carry(self, counts: dict) -> None:
+        """Count what another process sent and received before it stopped mid-epoch (a
+        ``counters()`` difference), so the resumed epoch's totals are the whole epoch's."""
+        for name, value in counts.items():
+            getattr(self, name)["carried"] += value
+
+
+def _scaled_for_float16(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``t`` times 2**scale, the largest magnitude landing in [2**14, 2**15): float16 then
+    keeps 24 binades below it instead of flushing what is below 6e-5 (half of ResNet-50's
+    layer2 activation gradients at the start) to zero or subnormals, and nothing overflows.
+    Costs one pass for the maximum (a device sync on a GPU)."""
+    top = float(t.abs().max()) if t.numel() else 0.0
+    if not math.isfinite(top) or top == 0.0:
+        return t, 0
+    scale = FLOAT16_TOP_EXPONENT - math.frexp(top)[1] + 1
+    return torch.ldexp(t.float(), torch.tensor(scale, dtype=torch.int32, device=t.device)), scale
 
 
 class _Staged:

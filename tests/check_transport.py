@@ -7,7 +7,7 @@ import sys
 import torch
 from mpi4py import MPI
 
-from splitmpi.transport import DTYPES, Kind, Transport
+from splitmpi.transport import DTYPES, HEADER, HEADER_LEN, Kind, Transport
 
 world = MPI.COMM_WORLD
 rank, size = world.Get_rank(), world.Get_size()
@@ -47,7 +47,7 @@ for wire in ("float32", "bfloat16", "float16"):
     assert got.dtype == torch.float32
     tolerance = {"float32": 0, "bfloat16": 1e-2, "float16": 1e-3}[wire]
     assert torch.allclose(got, want, rtol=tolerance, atol=tolerance * 1e-2), wire
-    payload[wire] = t.counters()["bytes_sent"] - 88  # minus the header
+    payload[wire] = t.counters()["bytes_sent"] - HEADER_LEN * HEADER.itemsize
     assert t.counters()["bytes_received"] == t.counters()["bytes_sent"]
     assert t.counters()["messages_sent"] == 2
 assert payload["float32"] == 64 * 16 * 8 * 8 * 4

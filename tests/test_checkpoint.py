@@ -1,6 +1,7 @@
 """Checkpoint, signals and resume: a stopped or killed run goes on where it was, and a
 resumed run's metrics equal an uninterrupted run's, bit for bit (CPU, same seed)."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,13 +49,16 @@ def rank_pid(output: str, rank: int) -> int:
     raise AssertionError(f"rank {rank} of {output} not found")
 
 
-def assert_same_metrics(a_path: Path, b_path: Path) -> None:
+def assert_same_metrics(a_path: Path, b_path: Path, counters: bool = True) -> None:
+    """Every metric equal; and the bytes sent, unless a run stopped within an epoch (its
+    turned-down request and stop messages are bytes the uninterrupted run did not send)."""
     a, b = reader.read(a_path), reader.read(b_path)
     assert a.finished and b.finished and a.epochs == b.epochs == 4
     for k in a.clients:
-        for name in SERIES:
+        for name in SERIES + ("batches_served",):
             assert np.array_equal(a.clients[k][name], b.clients[k][name]), (k, name)
-    assert np.array_equal(a.comm["bytes_sent"], b.comm["bytes_sent"])
+    if counters:
+        assert np.array_equal(a.comm["bytes_sent"], b.comm["bytes_sent"])
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +73,55 @@ def test_sigusr1_checkpoints_stops_and_resumes_bit_for_bit(tmp_path, uninterrupt
     wait_for(log, "epoch 1/4 done", proc)
     proc.send_signal(signal.SIGUSR1)  # mpiexec forwards it to every rank, as Slurm does
     assert proc.wait(timeout=120) == 75, log.read_text()
-    assert "stopped by a signal after epoch" in log.read_text()
+    assert "stopped by a signal" in log.read_text()
     stopped = reader.read(tmp_path / "cut.h5")
     assert not stopped.finished and 1 <= stopped.epochs < 4
     done = mpirun.ok(3, *ARGS, "output=cut.h5", "train.resume=auto", cwd=tmp_path)
     assert f"resuming after epoch {stopped.epochs}" in done.stdout
-    assert_same_metrics(uninterrupted, tmp_path / "cut.h5")
+    assert_same_metrics(uninterrupted, tmp_path / "cut.h5", counters=False)  # may be within
     assert list(reader.read(tmp_path / "cut.h5").attrs["resumed"]) == [stopped.epochs]
+
+
+# A train phase of about a second per epoch (each client sleeps 0.1 s before each request),
+# so a signal sent at the first step of an epoch lands within its train phase; a progress
+# line per step says when that is; -v shows the clients' lines.
+WITHIN = ("clients.delay_ms=[100,100]", "train.log_every=1", "-v")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_signal_to_one_client_stops_within_the_epoch_and_resumes_bit_for_bit(
+        tmp_path, uninterrupted, workers):
+    """SIGUSR1 reaches client 2 alone, in epoch 2's train phase. Targets: that client takes
+    at most the step it is in before it stops; the server serves no step after it heard
+    (it turns the other client's next request down); every rank checkpoints its place in
+    the epoch and the job exits 75; the resumed run's metrics equal the uninterrupted run's
+    bit for bit, with loader workers (data.workers=2: the uninterrupted run had none) and
+    without. Before, the stop waited for the epoch's end and resume repeated it."""
+    proc, log = start(tmp_path, "output=mid.h5", f"data.workers={workers}", *WITHIN)
+    wait_for(log, "epoch 2/4: 25/", proc)
+    os.kill(rank_pid("mid.h5", 2), signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 75, log.read_text()
+    text = log.read_text()
+    assert "stopped by a signal within epoch 2" in text, text
+    assert "client 2 had a signal" in text and "client 1 turned down" in text, text
+    steps = re.search(r"client 2 stopped within epoch 2 after (\d+) batches \(signal "
+                      r"\d+ at training step (\d+), (\d+) step\(s\) before stopping\)", text)
+    assert steps, text
+    assert 1 <= int(steps[1]) < 8 and int(steps[3]) <= 1, steps[0]
+    assert re.search(r"server: no signal here", text)
+    folder, = [p.name for p in (tmp_path / "mid.h5.ckpt").iterdir()]
+    assert re.fullmatch(r"epoch-00001-step-\d{7}", folder), folder
+    assert reader.read(tmp_path / "mid.h5").epochs == 1
+    done = mpirun.ok(3, *ARGS, "output=mid.h5", "train.resume=auto",
+                     f"data.workers={workers}", cwd=tmp_path)
+    assert f"from mid.h5.ckpt/{folder}" in done.stdout
+    assert_same_metrics(uninterrupted, tmp_path / "mid.h5", counters=False)
+
+
+def test_workers_change_no_number(tmp_path, uninterrupted):
+    """data.workers=2 against none: every epoch's batches, so every metric, the same."""
+    mpirun.ok(3, *ARGS, "data.workers=2", "output=w.h5", cwd=tmp_path)
+    assert_same_metrics(uninterrupted, tmp_path / "w.h5")
 
 
 def test_sigkill_of_a_client_ends_the_job_and_the_run_resumes(tmp_path, uninterrupted):

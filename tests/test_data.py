@@ -269,14 +269,50 @@ def test_loader_settings():
     assert test_labels.tolist() == data.targets_of(test.dataset).tolist()
 
 
-def test_workers_give_the_same_batches():
-    cfg = make_cfg(train_size=60, test_size=20)
-    plain = [(x, y) for x, y in data.client_loaders(cfg, 1, 1)[0]]
-    cfg.data.workers = 1
-    loader = data.client_loaders(cfg, 1, 1)[0]
-    assert loader.persistent_workers
-    for (x, y), (xw, yw) in zip(plain, loader, strict=True):
-        assert torch.equal(x, xw) and torch.equal(y, yw)
+def epochs_of(loader, count):
+    return [[(x, y) for x, y in loader] for _ in range(count)]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for (x, y), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(x, xb) and torch.equal(y, yb)
+
+
+def test_workers_and_resumes_see_the_same_augmented_batches(tmp_path):
+    """CIFAR-10 with its random crops and flips: three epochs through 2 persistent workers
+    equal three epochs in this process, and a fresh loader set to epoch 2 (a resumed run),
+    or to epoch 2 after its first 2 batches (a mid-epoch resume), sees what the third epoch
+    saw. Before augmentations had seeds of their own, workers drew them from a base seed
+    taken at the first ``iter()``, which a resumed process drew anew."""
+    write_cifar10(tmp_path)
+    cfg = make_cfg("cifar10", tmp_path)
+    plain = epochs_of(data.client_loaders(cfg, 1, 2)[0], 3)
+    assert not torch.equal(plain[0][0][0], plain[1][0][0])  # each epoch a new order
+    cfg.data.workers = 2
+    workers = data.client_loaders(cfg, 1, 2)[0]
+    assert workers.persistent_workers
+    for epoch, batches in enumerate(epochs_of(workers, 3)):
+        assert_same_batches(batches, plain[epoch])
+    resumed = data.client_loaders(cfg, 1, 2)[0]
+    resumed.sampler.set_epoch(2)
+    assert_same_batches(list(resumed), plain[2])
+    resumed.sampler.set_epoch(2, start=2 * cfg.train.batch_size)
+    assert_same_batches(list(resumed), plain[2][2:])
+
+
+def test_loading_leaves_the_training_random_state_alone(tmp_path):
+    """Augmenting draws from each sample's own seed: with data.workers=0 the process's
+    generator (dropout, noise) is where it was, and the batches do not depend on it."""
+    write_cifar10(tmp_path)
+    loader = data.client_loaders(make_cfg("cifar10", tmp_path), 1, 2)[0]
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    first = list(loader)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(6)
+    loader.sampler.set_epoch(0)
+    assert_same_batches(list(loader), first)
 
 
 def test_targets_of_follows_subsets():

@@ -58,8 +58,8 @@ SERIES = ("train_loss", "train_accuracy", "train_samples", "test_loss", "test_ac
 
 @dataclass
 class Rank:
-    """Each rank is a process of its own, with its own global RNG (the test loader draws its
-    workers' base seed from it; so would augmentations with data.workers=0)."""
+    """Each rank is a process of its own, with its own global RNG (dropout and noise would
+    draw from it; the loaders draw from their own seeds)."""
     rank: int
     rng: torch.Tensor
 
@@ -237,14 +237,13 @@ def states(server: Server, clients: list[Client]) -> dict[int, dict]:
     out = {0: {"cloud": server.cloud.state_dict(),
                "head": server.head.state_dict() if server.head is not None else {},
                "optimizer": server.optimizer.state_dict(), "schedule": {"last": server.last},
-               "rng": {"torch": server.rng}}}
+               "rng": {"torch": server.rng}, "position": {}, "audit": {}}}
     for c in clients:
         out[c.rank] = {"extractor": c.extractor.state_dict(),
                        "classifier": c.classifier.state_dict() if c.classifier is not None
                        else {},
                        "optimizer": c.optimizer.state_dict(),
-                       "data_order": c.train_loader.generator.get_state(),
-                       "rng": {"torch": c.rng}}
+                       "rng": {"torch": c.rng}, "position": {}, "audit": {}}
     return out
 
 

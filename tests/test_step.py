@@ -272,7 +272,7 @@ def test_evaluation_is_the_one_process_forward(world, stop, arch, cut, topology)
 
     def serve():
         ctx = ctxs[SERVER]
-        served = server.serve_phase(ctx, cloud_side, Kind.EVAL_ACTIVATION, server.eval_step)
+        served, _ = server.serve_phase(ctx, cloud_side, Kind.EVAL_ACTIVATION, server.eval_step)
         for sends in cloud_side.replies.values():
             ctx.transport.wait(sends)
         return served
