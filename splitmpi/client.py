@@ -33,7 +33,7 @@ from torch import nn
 from . import checkpoint, data, models, sharing
 from .audit import ClientAudit
 from .defense import Defense
-from .runtime import SERVER, Context
+from .runtime import SERVER, Context, clock_offsets
 from .transport import Flag, Kind
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ def restore(client: Client, saved: dict) -> None:
 def run(ctx: Context, client: Client, start: int = 0) -> bool:
     """Epochs ``start``.. to the end; True when a signal stopped the run after a checkpoint."""
     ctx.world.gather(len(client.train_loader.dataset), root=SERVER)  # for the server's progress
+    clock_offsets(ctx.world)
     for epoch in range(start, ctx.cfg.train.epochs):
         train = train_epoch(ctx, client, epoch)
         if ctx.transport.recv(SERVER, Kind.VERDICT).item():
@@ -109,7 +110,7 @@ def run(ctx: Context, client: Client, start: int = 0) -> bool:
         shared_bytes = share(ctx, client, epoch) if ctx.cfg.split.share else 0
         test = evaluate(ctx, client)
         report = {"epoch": epoch, "classes": client.classes, **train, **test,
-                  "share_bytes": shared_bytes, "stop_requested": bool(ctx.stop.signal),
+                  "share_buffer_bytes": shared_bytes, "stop_requested": bool(ctx.stop.signal),
                   **ctx.transport.counters()}
         ctx.world.send(report, dest=SERVER, tag=Kind.REPORT)
         if client.audit:

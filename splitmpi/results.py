@@ -30,7 +30,8 @@ from .errors import ConfigError
 
 CLIENT_SERIES = ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
                  "train_samples", "test_samples", "samples_per_s", "train_seconds",
-                 "share_bytes", "batches_served", "queue_wait_seconds", "server_busy_seconds",
+                 "share_buffer_bytes", "batches_served", "queue_wait_seconds",
+                 "server_idle_seconds", "server_compute_seconds", "classifier_wait_seconds",
                  "phase_end_seconds")
 COMM_COUNTERS = ("bytes_sent", "bytes_received", "messages_sent", "messages_received")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,7 @@ from mpi4py import MPI
 
 from .config import Config
 from .errors import ConfigError
-from .transport import Transport
+from .transport import Kind, Transport
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,33 @@ def pick_wait(choice: str, ranks_on_node: int, cores: int) -> str:
     if choice != "auto":
         return choice
     return "sleep" if ranks_on_node > cores else "spin"
+
+
+CLOCK_PINGS = 5
+
+
+def clock_offsets(world: MPI.Comm) -> dict[int, int]:
+    """Collective. On rank 0, per other rank: the nanoseconds to add to its
+    ``time.monotonic_ns()`` to read rank 0's clock (ranks on one host share that clock;
+    across hosts it differs arbitrarily), so the server can tell when a request was sent.
+    Of a few ping-pongs the one with the shortest round trip is kept: its midpoint is off
+    by at most half of it. Empty on other ranks."""
+    if world.Get_rank() != SERVER:
+        for _ in range(CLOCK_PINGS):
+            world.recv(source=SERVER, tag=Kind.CLOCK)
+            world.send(time.monotonic_ns(), dest=SERVER, tag=Kind.CLOCK)
+        return {}
+    offsets = {}
+    for k in range(1, world.Get_size()):
+        trips = []
+        for _ in range(CLOCK_PINGS):
+            asked = time.monotonic_ns()
+            world.send(None, dest=k, tag=Kind.CLOCK)
+            theirs = world.recv(source=k, tag=Kind.CLOCK)
+            answered = time.monotonic_ns()
+            trips.append((answered - asked, (asked + answered) // 2 - theirs))
+        offsets[k] = min(trips)[1]
+    return offsets
 
 
 def make_context(cfg: Config, world: MPI.Comm, clients: int) -> Context:

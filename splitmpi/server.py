@@ -32,10 +32,14 @@ from torch import nn
 from . import checkpoint, models, results, schedule
 from .audit import ServerAudit
 from .logs import Pace, Progress
-from .runtime import SERVER, Context
+from .runtime import SERVER, Context, clock_offsets
 from .transport import Flag, Kind
 
 log = logging.getLogger(__name__)
+
+# Per client and train phase (docs/architecture.md#results-file defines each).
+SERVE_SERIES = ("batches_served", "queue_wait_seconds", "server_idle_seconds",
+                "server_compute_seconds", "classifier_wait_seconds", "phase_end_seconds")
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Server:
     audit: ServerAudit | None  # audit=true: digests of every message received
     replies: dict = field(default_factory=dict)  # eval features in flight, per client
     position: dict | None = None  # a mid-epoch checkpoint's place in its epoch, until resumed
+    clock_offsets: dict = field(default_factory=dict)  # ns to add to client k's clock
 
 
 def prepare(ctx: Context, resume_epochs: int | None) -> Server:
@@ -89,6 +94,7 @@ def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int 
     """Epochs ``start``.. to the end; True when a signal stopped the run after a checkpoint."""
     cfg = ctx.cfg
     shards = ctx.world.gather(None, root=SERVER)[1:]  # training samples per client
+    server.clock_offsets = clock_offsets(ctx.world)
     rest = 0.0  # the last epoch's time after its train phase: sharing, evaluation, reports
     for epoch in range(start, cfg.train.epochs):
         place = server.position or {"stats": {}, "served": {}, "seconds": 0.0, "counters": {}}
@@ -139,8 +145,10 @@ def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int 
                      f"| test acc {report['test_accuracy']:.4f} (n={report['test_samples']}) "
                      f"| {report['samples_per_s']:.0f} samples/s")
             log.debug(f"{title} client {k}: {report['batches_served']} batches served, "
-                      f"queue wait {report['queue_wait_seconds']:.1f} s, server busy "
-                      f"{report['server_busy_seconds']:.1f} s, train phase ended at "
+                      f"queued {report['queue_wait_seconds']:.1f} s, server idle for it "
+                      f"{report['server_idle_seconds']:.1f} s, computing "
+                      f"{report['server_compute_seconds']:.1f} s, waiting on its classifier "
+                      f"{report['classifier_wait_seconds']:.1f} s, train phase ended at "
                       f"{report['phase_end_seconds']:.1f} s")
         writer.append_epoch(seconds, reports, ctx.transport.counters())
         log.info(f"{title} done in {seconds:.1f} s")
@@ -178,16 +186,17 @@ def serve_phase(ctx: Context, server: Server, kind: Kind, step,
     clients that stopped before the end of their shard, with how."""
     t = ctx.transport
     active, stopped = list(range(1, ctx.client_count + 1)), {}
-    stats = defaultdict(lambda: {"batches_served": 0, "queue_wait_seconds": 0.0,
-                                 "server_busy_seconds": 0.0, "phase_end_seconds": 0.0})
+    stats = defaultdict(lambda: {**dict.fromkeys(SERVE_SERIES, 0.0), "batches_served": 0})
     stats.update({int(k): dict(v) for k, v in (carried or {}).items()})
     start = time.perf_counter()
     while active:
         if progress is not None and ctx.stop.signal:
             t.stopping = True
-        waited = time.perf_counter()
+        free = time.monotonic_ns()  # the server turns to the next request
         k = server.schedule.next(active, kind)
         a = t.recv(k, kind, ctx.device)
+        got = time.monotonic_ns()
+        sent = t.sent_ns + server.clock_offsets.get(k, 0)  # the client's send, on our clock
         began = time.perf_counter()
         if a.shape[0] == 0:
             active.remove(k)
@@ -202,12 +211,15 @@ def serve_phase(ctx: Context, server: Server, kind: Kind, step,
             active.remove(k)
             stopped[k] = "turned down"
             continue
-        step(ctx, server, k, a)
+        waited = step(ctx, server, k, a)
         ctx.stop.steps += progress is not None
+        busy = time.perf_counter() - began
         s = stats[k]
         s["batches_served"] += 1
-        s["queue_wait_seconds"] += began - waited
-        s["server_busy_seconds"] += time.perf_counter() - began
+        s["queue_wait_seconds"] += max(0, free - sent) / 1e9
+        s["server_idle_seconds"] += (got - free) / 1e9
+        s["server_compute_seconds"] += busy - waited
+        s["classifier_wait_seconds"] += waited
         if progress is not None:
             progress.update(a.shape[0], f"client {k}")
     return {k: stats[k] for k in range(1, ctx.client_count + 1)}, stopped
@@ -222,8 +234,11 @@ def turn_down(ctx: Context, server: Server, k: int) -> None:
     ctx.transport.send(torch.empty(0), k, reply)
 
 
-def train_step(ctx: Context, server: Server, k: int, a: torch.Tensor) -> None:
+def train_step(ctx: Context, server: Server, k: int, a: torch.Tensor) -> float:
+    """One training request; returns the seconds spent waiting for the client's classifier
+    (u_shape: features out, feature gradient back)."""
     t = ctx.transport
+    waited = 0.0
     a.requires_grad_(server.send_grad)
     server.cloud.train()
     server.optimizer.zero_grad(set_to_none=True)
@@ -231,7 +246,10 @@ def train_step(ctx: Context, server: Server, k: int, a: torch.Tensor) -> None:
         h = server.cloud(a)
     if server.head is None:  # u_shape: the client's classifier computes the loss
         sends = t.isend(h, k, Kind.FEATURES)
-        h.backward(t.recv(k, Kind.FEATURE_GRAD, ctx.device, h.dtype))
+        asked = time.perf_counter()
+        grad = t.recv(k, Kind.FEATURE_GRAD, ctx.device, h.dtype)
+        waited = time.perf_counter() - asked
+        h.backward(grad)
     else:  # label_sharing: labels came with the activation
         server.head.train()
         y = t.recv(k, Kind.LABELS, ctx.device)
@@ -246,10 +264,11 @@ def train_step(ctx: Context, server: Server, k: int, a: torch.Tensor) -> None:
         sends += t.isend(a.grad, k, Kind.ACTIVATION_GRAD)
     server.optimizer.step()
     t.wait(sends)
+    return waited
 
 
 @torch.no_grad()
-def eval_step(ctx: Context, server: Server, k: int, a: torch.Tensor) -> None:
+def eval_step(ctx: Context, server: Server, k: int, a: torch.Tensor) -> float:
     """Forward only. The reply is not waited for here: the client takes it after sending its
     next batch, and meanwhile the server serves others. The previous reply to this client
     is waited for before this one (the client posts that receive right after this send)."""
@@ -261,3 +280,4 @@ def eval_step(ctx: Context, server: Server, k: int, a: torch.Tensor) -> None:
             out = server.head(out)
     ctx.transport.wait(server.replies.pop(k, []))
     server.replies[k] = ctx.transport.isend(out, k, Kind.FEATURES)
+    return 0.0

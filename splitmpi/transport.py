@@ -30,6 +30,7 @@ class Kind(enum.IntEnum):
     VERDICT = 25  # server -> client, after each train phase: 1 = stop here, 0 = go on
     REPORT = 31  # client -> server: end of epoch, the client's metrics (small, pickled)
     AUDIT = 32  # server <-> client, audit=true: message digests, then match counts (pickled)
+    CLOCK = 33  # server <-> client, at the start: clock readings (runtime.clock_offsets)
 
 
 class Flag(enum.IntFlag):

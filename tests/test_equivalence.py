@@ -51,7 +51,7 @@ CASES = [  # model, topology, share, split.share_bn (None: the default); ResNet-
     ("resnet50", "u_shape", True, OTHER_BN[1]),
 ]
 SERIES = ("train_loss", "train_accuracy", "train_samples", "test_loss", "test_accuracy",
-          "test_samples", "batches_served", "share_bytes")
+          "test_samples", "batches_served", "share_buffer_bytes")
 
 
 # --- the replay ----------------------------------------------------------------------------
@@ -256,7 +256,8 @@ def replay(cfg: config.Config) -> Iterator[tuple[dict[int, dict], dict[int, dict
         train = train_phase(server, clients)
         shared_bytes = share(clients, cfg, epoch) if cfg.split.share else 0
         test = eval_phase(server, clients)
-        yield states(server, clients), {k: {**train[k], **test[k], "share_bytes": shared_bytes}
+        yield states(server, clients), {k: {**train[k], **test[k],
+                                            "share_buffer_bytes": shared_bytes}
                                         for k in train}
 
 

@@ -51,3 +51,28 @@ def test_no_deadlock(tmp_path, n, schedule):
               f"server.schedule={schedule}", "output=d.h5", cwd=tmp_path, timeout=200)
     run = reader.read(tmp_path / "d.h5")
     assert run.finished and len(run.clients) == n - 1
+
+
+@pytest.mark.parametrize("topology", ["u_shape", "label_sharing"])
+def test_server_time_is_split_into_queue_idle_compute_and_classifier_wait(tmp_path, topology):
+    """Sequential schedule, client 1 slow to send (30 ms before each request), client 2
+    not. Client 2's first request waits in the queue for the whole of client 1's phase;
+    client 1's requests never queue: the server idles for them instead (before, both were
+    one number, so a request that never queued showed the client's delay as queue wait).
+    The server's time on a request is computing, plus in u_shape waiting for the client's
+    classifier round trip, which label_sharing does not have."""
+    mpirun.ok(3, *mpirun.TINY, "train.epochs=1", "server.schedule=sequential",
+              f"split.topology={topology}", "clients.delay_ms=[30, 0]", "output=t.h5",
+              cwd=tmp_path)
+    one, two = reader.read(tmp_path / "t.h5").clients.values()
+    first = {name: one[name][0] for name in one}
+    batches = first["batches_served"]
+    assert first["server_idle_seconds"] > 0.03 * batches, first
+    assert first["queue_wait_seconds"] < 0.25 * first["server_idle_seconds"], first
+    assert two["queue_wait_seconds"][0] > 0.8 * first["phase_end_seconds"], (first, two)
+    for client in (one, two):
+        assert client["server_compute_seconds"][0] > 0
+        if topology == "u_shape":
+            assert client["classifier_wait_seconds"][0] > 0
+        else:
+            assert client["classifier_wait_seconds"][0] == 0

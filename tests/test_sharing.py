@@ -34,7 +34,7 @@ def test_cnn5_results_do_not_depend_on_share_bn(tmp_path):
                   cwd=tmp_path)
     a, b = reader.read(tmp_path / "average.h5"), reader.read(tmp_path / "recalibrate.h5")
     for k in a.clients:
-        for name in ("train_loss", "test_loss", "test_accuracy", "share_bytes"):
+        for name in ("train_loss", "test_loss", "test_accuracy", "share_buffer_bytes"):
             assert np.array_equal(a.clients[k][name], b.clients[k][name]), (k, name)
 
 
@@ -76,7 +76,8 @@ def test_share_optimizer_and_share_weights_learn(two_clients, setting, times, pl
     accuracy is not below the defaults' by more than a few points."""
     default, run = two_clients(), two_clients(setting)
     for k, s in run.clients.items():
-        assert s["share_bytes"][-1] == times * default.clients[k]["share_bytes"][-1] + plus
+        default_bytes = default.clients[k]["share_buffer_bytes"][-1]
+        assert s["share_buffer_bytes"][-1] == times * default_bytes + plus
         assert s["train_loss"][-1] < 0.5 * s["train_loss"][0], (k, s["train_loss"])
     assert pooled_accuracy(default) > 0.5  # chance: 0.2
     assert pooled_accuracy(run) >= pooled_accuracy(default) - 0.05
