@@ -7,4 +7,4 @@ import os
 # THP_MEM_ALLOC_ENABLE=0 in the environment wins.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

@@ -1,11 +1,17 @@
-"""Privacy audit (``audit=true``): proof, per epoch, that no message a client sent to the
-server carried its raw inputs or labels.
+"""Privacy audit (``audit=true``): per epoch, a check of whether any message a client sent
+to the server was a byte-identical copy of one of its raw input batches, single raw input
+samples or label batches.
 
 The server digests the payload of every message it receives. At each epoch's end it sends
 each client the digests of that client's messages; the client compares them with the
 digests of its own raw input batches (and single input samples) and label batches, taken
-exactly as they would have been sent, and returns only the counts of matches. The server
-never sees digests of raw data; a match means raw data crossed the cut.
+exactly as they would have been sent (after the wire cast), and returns only the counts of
+matches. The server never sees digests of raw data; a match means a raw batch, sample or
+label batch crossed the cut unchanged.
+
+It detects byte-identical copies only: it says nothing about a transformed copy (noise
+added, a crop, another dtype), nor about what activations and gradients carry of the
+inputs and labels (docs/privacy.md).
 """
 from __future__ import annotations
 

@@ -321,3 +321,46 @@ def test_float16_on_the_wire_keeps_small_gradients(world):
     got = loopback.run(receive, send)[SERVER]
     assert got.dtype == torch.float32 and (got != 0).all()
     assert off(got) == 0
+
+
+@pytest.mark.parametrize("topology", ["u_shape", "label_sharing"])
+def test_a_request_turned_down_leaves_the_client_as_it_was(world, stop, topology):
+    """A stopping server answers a training request with an empty reply flagged STOP
+    instead of serving it; the client takes that as no step: its BatchNorm statistics and
+    random state (dropout drew from it) go back to where they were before the forward,
+    and no weight moved on either side."""
+    cfg = make_cfg("resnet50", "layer1", topology, "defense.dropout=0.2")
+    ctxs = contexts(cfg, world, stop)
+    cloud_side, client_side, _ = roles(cfg, ctxs)
+    x, y = batch(0)
+    torch.manual_seed(3)
+    rng = torch.get_rng_state()
+    before = {part: copy.deepcopy(m.state_dict())
+              for part, m in (("extractor", client_side.extractor), ("cloud", cloud_side.cloud))}
+
+    def changed(part: str, m: nn.Module) -> list[str]:
+        return [n for n, v in m.state_dict().items() if not torch.equal(v, before[part][n])]
+
+    def serve():
+        ctx = ctxs[SERVER]
+        ctx.transport.stopping = True
+        ctx.transport.recv(CLIENT, Kind.ACTIVATION)
+        server.turn_down(ctx, cloud_side, CLIENT)
+
+    def step():
+        ctx = ctxs[CLIENT]
+        undo = client._undo_point(ctx, client_side)
+        result = client._finish_step(ctx, client_side,
+                                     *client._send_activation(ctx, client_side, x, y))
+        moved = (changed("extractor", client_side.extractor),
+                 not torch.equal(torch.get_rng_state(), rng))
+        undo()
+        return result, moved
+
+    result, (stats_moved, rng_moved) = loopback.run(serve, step)[CLIENT]
+    assert result is None  # turned down
+    assert stats_moved and all("running" in n or "num_batches" in n for n in stats_moved)
+    assert rng_moved
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert changed("extractor", client_side.extractor) == []
+    assert changed("cloud", cloud_side.cloud) == []

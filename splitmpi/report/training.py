@@ -50,7 +50,7 @@ def _order(key: tuple) -> tuple:
 
 def bytes_per_epoch(run: Run) -> float:
     """Transport bytes sent by all ranks together, mean over epochs (extractor averaging
-    is not in /comm; it is each client's ``share_bytes`` series)."""
+    is not in /comm; it is each client's ``share_buffer_bytes`` series)."""
     sent = run.comm.get("bytes_sent")
     return float(sent.sum(axis=1).mean()) if sent is not None and len(sent) else math.nan
 
