@@ -23,7 +23,8 @@ Locally each cell runs as ``mpiexec -n 1+CLIENTS python -m splitmpi -c CONFIG ..
 after the other. With --slurm the cells still to do are written to
 RESULTS_DIR/<table>/cells-<time>.json and submitted as one job array,
 ``sbatch --array=0-(n-1) slurm/sweep_array.sh CELLS.json``; array task i runs cell i with
-``python jobs/sweep.py --cells CELLS.json --index i`` (srun --mpi=pmi2 inside the task).
+``python jobs/sweep.py --cells CELLS.json --index i`` (srun --mpi=$SRUN_MPI, default pmi2,
+inside the task).
 
 Exit status: 0 every cell finished (or was skipped), 1 a cell failed, 2 bad arguments or
 configuration (checked for every cell before anything runs).
@@ -169,7 +170,7 @@ def default_mpiexec(python: str) -> str:
 
 def command(cell: Cell, ranks: int, launcher: str, python: str, mpiexec: str) -> list[str]:
     if launcher == "srun":
-        start = ["srun", "--mpi=pmi2", "-n", str(ranks)]
+        start = ["srun", f"--mpi={os.environ.get('SRUN_MPI', 'pmi2')}", "-n", str(ranks)]
     else:
         start = [mpiexec, "-n", str(ranks)]
     return start + [python, "-m", "splitmpi", "-c", cell.config, *cell.overrides,

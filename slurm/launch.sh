@@ -1,6 +1,7 @@
 # Sourced by the slurm/*.sh job scripts (not a job script itself): start the ranks of one
 # splitmpi run inside the allocation. Needs SPLITMPI_HOME, PYTHON and LAUNCHER set.
-#   launch ARGS...   ->  srun --mpi=pmi2 -n $SLURM_NTASKS $PYTHON -m splitmpi ARGS...
+#   launch ARGS...   ->  srun --mpi=$SRUN_MPI -n $SLURM_NTASKS $PYTHON -m splitmpi ARGS...
+#                        (SRUN_MPI: pmi2 by default, for MPICH; pmix for Open MPI 5)
 #                    or  $MPIEXEC -n $SLURM_NTASKS $PYTHON -m splitmpi ARGS...  (LAUNCHER=mpiexec)
 
 # The repository's splitmpi wins over any installed copy.
@@ -34,8 +35,8 @@ launch() {
     local ntasks=${SLURM_NTASKS:-4} cmd mpiexec python_path
     case $LAUNCHER in
         srun)
-            # pmi2: the pip MPICH speaks PMI-2; --mpi=pmix is not available everywhere
-            cmd=(srun --mpi=pmi2 -n "$ntasks" "$PYTHON" -m splitmpi "$@") ;;
+            # pmi2: the pip MPICH speaks PMI-2; Open MPI 5 speaks only PMIx (SRUN_MPI=pmix)
+            cmd=(srun --mpi="${SRUN_MPI:-pmi2}" -n "$ntasks" "$PYTHON" -m splitmpi "$@") ;;
         mpiexec)
             python_path=$(command -v "$PYTHON" || true)
             mpiexec=${MPIEXEC:-}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 import traceback
@@ -14,7 +15,7 @@ from mpi4py import MPI
 from . import checkpoint, client, config, logs, server
 from .errors import ConfigError
 from .results import ResultsWriter
-from .runtime import STOPPED, make_context
+from .runtime import STOPPED, check_launch, make_context
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     logs.setup(rank, args.verbosity)
+    agree(world, lambda: check_launch(world.Get_size(), os.environ))
     cfg, clients = agree(world, lambda: _resolve(args, world.Get_size()))
     if args.print_config:
         if rank == 0:

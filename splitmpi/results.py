@@ -36,6 +36,12 @@ CLIENT_SERIES = ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
 COMM_COUNTERS = ("bytes_sent", "bytes_received", "messages_sent", "messages_received")
 
 
+def mpi_library() -> str:
+    """The MPI library's own description (Open MPI's ends in a NUL, which HDF5 strings
+    cannot hold)."""
+    return MPI.Get_library_version().replace("\0", "").strip()
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -84,7 +90,7 @@ class ResultsWriter:
         attrs = self.file.attrs
         attrs["config"] = cfg.to_json()
         attrs["splitmpi_version"] = __version__
-        attrs["mpi_library"] = MPI.Get_library_version().strip()
+        attrs["mpi_library"] = mpi_library()
         attrs["world_size"] = world_size
         attrs["clients"] = clients
         attrs["started"] = _now()

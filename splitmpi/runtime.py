@@ -5,6 +5,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -167,3 +168,35 @@ def make_context(cfg: Config, world: MPI.Comm, clients: int) -> Context:
     log.info(f"{role} on {device}, {threads} torch threads, waits by {wait} "
              f"({ranks_on_node} ranks, {cores} cores on this node)")
     return Context(cfg, world, clients_comm, clients, device, transport, StopFlag())
+
+
+# Variables a launcher sets in every task it starts, with the count of tasks it started, and
+# who sets them; first match wins. Step-level only: sbatch gives the batch script itself
+# SLURM_NTASKS (the allocation's), but only srun gives its tasks SLURM_STEP_NUM_TASKS.
+LAUNCH_SIZES = (
+    ("SLURM_STEP_NUM_TASKS", "srun"),
+    ("OMPI_COMM_WORLD_SIZE", "Open MPI's mpirun"),
+    ("PMI_SIZE", "a PMI launcher (MPICH's mpiexec, srun --mpi=pmi2)"),
+)
+
+
+def check_launch(world_size: int, environ: Mapping[str, str]) -> None:
+    """Refuse a world of one rank that the launcher started as one of several tasks.
+
+    A launcher whose process-management interface the MPI library does not speak (Open MPI 5
+    under ``srun --mpi=pmi2``, plain ``srun`` or MPICH's ``mpiexec``) does not fail: every
+    task initialises MPI alone, as rank 0 of a world of 1. Without this check each copy would
+    report a bad world size and hide the real cause (docs/cluster.md, Launchers)."""
+    if world_size != 1:
+        return
+    for name, launcher in LAUNCH_SIZES:
+        value = environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 1:
+            raise ConfigError(
+                f"the environment says {value} tasks ({name}={value}, set by {launcher}) but "
+                "MPI started a world of 1 rank: the launcher and the MPI library that mpi4py "
+                "loads do not match, so each task runs alone",
+                "use srun --mpi=pmix for Open MPI 5 and srun --mpi=pmi2 for MPICH (srun "
+                "--mpi=list shows what Slurm offers), or the mpirun of the MPI that mpi4py "
+                "uses (python -c 'from mpi4py import MPI; print(MPI.Get_library_version())'); "
+                "see docs/cluster.md")

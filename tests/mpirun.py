@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,21 +21,43 @@ def mpiexec() -> str:
     return found
 
 
-def env() -> dict:
+def env(extra: Mapping[str, str | None] | None = None) -> dict:
+    """This environment for a job; ``extra`` sets variables, or removes those given None
+    (a test of the launch must not inherit the launcher variables of its own surroundings)."""
     e = dict(os.environ)
     # the project, and tests/ for the MPI check scripts that tests start as modules
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), e.get("PYTHONPATH", "")])
     e.setdefault("OMP_NUM_THREADS", "1")
+    for name, value in (extra or {}).items():
+        if value is None:
+            e.pop(name, None)
+        else:
+            e[name] = value
     return e
 
 
 def run(n: int, *args: str, module: str = "splitmpi", cwd: Path | None = None,
-        timeout: float = 240, launch: tuple = ()) -> subprocess.CompletedProcess:
-    """Run the job (``launch``: extra mpiexec options); a job still running at
-    ``timeout`` is killed and the test fails."""
-    cmd = [mpiexec(), *launch, "-n", str(n), sys.executable, "-m", module, *args]
+        timeout: float = 240, launch: tuple = (), launcher: str | None = None,
+        extra_env: Mapping[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """Run the job (``launch``: extra mpiexec options; ``launcher``: another MPI's mpiexec
+    than ours; ``extra_env``: see ``env``); a job still running at ``timeout`` is killed and
+    the test fails."""
+    cmd = [launcher or mpiexec(), *launch, "-n", str(n), sys.executable, "-m", module, *args]
+    return _within(cmd, cwd, env(extra_env), timeout)
+
+
+def alone(*args: str, module: str = "splitmpi", cwd: Path | None = None, timeout: float = 120,
+          extra_env: Mapping[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """Start ``python -m module`` with no launcher at all: MPI makes it a world of 1 rank,
+    as each task of a launcher that this MPI does not understand gets."""
+    cmd = [sys.executable, "-m", module, *args]
+    return _within(cmd, cwd, env(extra_env), timeout)
+
+
+def _within(cmd: list[str], cwd: Path | None, environ: dict,
+            timeout: float) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True,
+        return subprocess.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"{' '.join(cmd)} hung for {timeout} s:\n"

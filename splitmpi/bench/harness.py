@@ -23,6 +23,7 @@ from .. import __version__
 from ..config import TrainConfig
 from ..errors import ConfigError
 from ..logs import Pace
+from ..results import mpi_library
 from ..runtime import local_comm, node_cores, pick_device
 
 KiB, MiB = 1024, 1024 * 1024
@@ -97,7 +98,7 @@ def format_table(columns: list[str], rows: list[list]) -> str:
 
 
 def environment(world: MPI.Comm) -> dict:
-    library = MPI.Get_library_version().strip().splitlines()[0]
+    library = mpi_library().splitlines()[0]
     cores = node_cores()
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(), "cores": cores, "world_size": world.Get_size(),
