@@ -152,8 +152,10 @@ def sharing_run(class_blocks, mode):
     return class_blocks() if mode == default else class_blocks(f"split.share_bn={mode}")
 
 
-def accuracy(folder):
-    return {k: s["test_accuracy"][-1] for k, s in reader.read(folder / "r.h5").clients.items()}
+def accuracy(folder, best=False):
+    """Each client's final test accuracy, or its best over the epochs."""
+    pick = max if best else (lambda series: series[-1])
+    return {k: pick(s["test_accuracy"]) for k, s in reader.read(folder / "r.h5").clients.items()}
 
 
 def saved_extractors(folder):
@@ -167,9 +169,12 @@ def is_norm(name, extractor):
 
 
 def test_resnet_sharing_learns_as_well_as_not_sharing(class_blocks):
-    """With the default share_bn every client's test accuracy is at least that of the
-    non-sharing run, less a few points (plain averaging left it at chance)."""
-    alone, shared = accuracy(class_blocks("split.share=false")), accuracy(class_blocks())
+    """With the default share_bn every client's final test accuracy is at least the best
+    of the non-sharing run's epochs, less a few points (plain averaging left it at
+    chance). Without sharing a client's test accuracy swings from epoch to epoch: the
+    cloud it is tested through was last trained on the other clients' classes."""
+    alone = accuracy(class_blocks("split.share=false"), best=True)
+    shared = accuracy(class_blocks())
     chance = {1: 1 / 4, 2: 1 / 3, 3: 1 / 3}
     assert all(alone[k] > chance[k] + 0.3 for k in alone), alone  # the data is learnable
     for k in alone:
