@@ -157,7 +157,7 @@ def train_epoch(ctx: Context, client: Client, epoch: int) -> dict:
                                 "seconds": 0.0, "counters": {}}
     client.position = None
     ctx.transport.carry(place["counters"])
-    at_start = _minus(ctx.transport.counters(), place["counters"])
+    at_start = ctx.transport.since(place["counters"])  # this epoch's start, as if unbroken
     loss_sum, correct, seen, done = place["loss"], place["correct"], place["seen"], 0
     start = time.perf_counter() - place["seconds"]
     loader = client.train_loader
@@ -191,14 +191,10 @@ def train_epoch(ctx: Context, client: Client, epoch: int) -> dict:
     seconds = time.perf_counter() - start
     position = {"batches": place["batches"] + done, "loss": loss_sum, "correct": correct,
                 "seen": seen, "seconds": seconds,
-                "counters": _minus(ctx.transport.counters(), at_start)}
+                "counters": ctx.transport.since(at_start)}
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
             "train_samples": seen, "train_seconds": seconds,
             "samples_per_s": seen / seconds if seconds > 0 else 0.0, "position": position}
-
-
-def _minus(a: dict, b: dict) -> dict:
-    return {name: value - b.get(name, 0) for name, value in a.items()}
 
 
 def _undo_point(ctx: Context, client: Client):

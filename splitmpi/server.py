@@ -100,8 +100,7 @@ def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int 
         place = server.position or {"stats": {}, "served": {}, "seconds": 0.0, "counters": {}}
         server.position = None
         ctx.transport.carry(place["counters"])
-        at_start = {name: value - place["counters"].get(name, 0)
-                    for name, value in ctx.transport.counters().items()}
+        at_start = ctx.transport.since(place["counters"])  # as if the epoch were unbroken
         began = time.perf_counter() - place["seconds"]
         title = f"epoch {epoch + 1}/{cfg.train.epochs}"
         left = {f"client {k}": n - place["served"].get(k, 0) for k, n in enumerate(shards, 1)}
@@ -117,8 +116,7 @@ def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int 
                 "stats": served, "seconds": time.perf_counter() - began,
                 "served": {k: place["served"].get(k, 0) + progress.parts[f"client {k}"]
                            for k in served},
-                "counters": {name: value - at_start[name]
-                             for name, value in ctx.transport.counters().items()}}
+                "counters": ctx.transport.since(at_start)}
             checkpoint.save_within(ctx.world, cfg, epoch, state(server), steps)
             writer.close()
             how = ", ".join(f"client {k} {what}" for k, what in sorted(stopped.items()))

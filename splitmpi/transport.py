@@ -309,6 +309,10 @@ class Transport:
                 "messages_sent": sum(self.messages_sent.values()),
                 "messages_received": sum(self.messages_received.values())}
 
+    def since(self, mark: dict) -> dict:
+        """``counters()`` less ``mark`` (an earlier ``counters()``, or counts carried in)."""
+        return {name: value - mark.get(name, 0) for name, value in self.counters().items()}
+
     def carry(self, counts: dict) -> None:
         """Count what another process sent and received before it stopped mid-epoch (a
         ``counters()`` difference), so the resumed epoch's totals are the whole epoch's."""

@@ -126,6 +126,12 @@ def test_a_signal_to_one_client_stops_within_the_epoch_and_resumes_bit_for_bit(
                      f"data.workers={workers}", cwd=tmp_path)
     assert f"from mid.h5.ckpt/{folder}" in done.stdout
     assert_same_metrics(uninterrupted, tmp_path / "mid.h5", counters=False)
+    # bytes: the stopped epoch counts both processes' parts, plus the turned-down request
+    # and the stop messages; every other epoch is the uninterrupted run's
+    full = reader.read(uninterrupted).comm["bytes_sent"].sum(axis=1)
+    resumed = reader.read(tmp_path / "mid.h5").comm["bytes_sent"].sum(axis=1)
+    assert np.array_equal(np.delete(full, 1), np.delete(resumed, 1))
+    assert full[1] < resumed[1] < 1.2 * full[1], (full, resumed)
 
 
 @pytest.fixture
