@@ -163,11 +163,8 @@ def train_epoch(ctx: Context, client: Client, epoch: int) -> dict:
     loader = client.train_loader
     loader.sampler.set_epoch(epoch, start=place["batches"] * loader.batch_size)
     batches = iter(loader)
-    batch, like, stop = next(batches, None), None, False
-    while batch is not None:
-        if ctx.stop.signal:  # tell the server, at this step boundary
-            stop = True
-            break
+    batch, like, turned_down = next(batches, None), None, False
+    while batch is not None and not ctx.stop.signal:  # a signal: stop at this boundary
         x, y = batch
         undo = _undo_point(ctx, client)
         step, sends = _send_activation(ctx, client, x, y)
@@ -175,6 +172,7 @@ def train_epoch(ctx: Context, client: Client, epoch: int) -> dict:
         result = _finish_step(ctx, client, step, sends)
         if result is None:  # the server is stopping: this step did not happen
             undo()
+            turned_down = True
             break
         if client.audit:
             client.audit.see(x, y)
@@ -182,10 +180,8 @@ def train_epoch(ctx: Context, client: Client, epoch: int) -> dict:
         batch_loss, batch_correct = result
         loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(y)
         done, like = done + 1, step.sent
-    else:
-        _end_phase(ctx, Kind.ACTIVATION, like)
-    if stop:
-        ctx.transport.stopping = True
+    if not turned_down:  # the end of the phase, flagged STOP if a signal ended it early
+        ctx.transport.stopping = batch is not None
         _end_phase(ctx, Kind.ACTIVATION, like)
         ctx.transport.stopping = False
     seconds = time.perf_counter() - start
