@@ -36,6 +36,7 @@ from pathlib import Path
 from splitmpi import config as splitconfig
 from splitmpi import logs, reader
 from splitmpi.errors import ConfigError
+from splitmpi.models import PAPER_CUTS
 from splitmpi.report.attacks import attack_tables
 
 log = logging.getLogger("splitmpi.jobs.privacy_sweep")
@@ -60,18 +61,8 @@ def cells(arch: str, cuts: list[str], strengths: dict[str, list[float]],
 
 
 def base_config(path: str | None, extra: list[str], cuts: list[str] | None):
-    """The sweep's config before the cells' overrides. Its own model.cut may not fit its
-    arch (e.g. the default cut 2 with model.arch=resnet50), so a cut the cells use, or
-    else any arch's deepest cut, is tried too; the first error is the one reported."""
-    tails = [[f"model.cut={cuts[0]}"]] if cuts else [[]] + [
-        [f"model.cut={arch_cuts[-1]}"] for arch_cuts in splitconfig.CUTS.values()]
-    first = None
-    for tail in tails:
-        try:
-            return splitconfig.load(path, [*extra, *tail])
-        except ConfigError as exc:
-            first = first or exc
-    raise first
+    """The sweep's config before the cells' overrides (each cell sets its own cut)."""
+    return splitconfig.load(path, [*extra, *([f"model.cut={cuts[0]}"] if cuts else [])])
 
 
 def done(path: Path, methods: tuple[str, ...]) -> bool:
@@ -118,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"privacy_sweep: error: {exc}", file=sys.stderr)
         return 2
     arch = base.model.arch
-    cuts = args.cuts or [str(c) for c in splitconfig.CUTS[arch] if c != 0]
+    if not args.cuts and arch not in PAPER_CUTS:
+        print(f"privacy_sweep: error: no default cuts for model.arch={arch}; give them with "
+              "--cuts (python -m splitmpi --list-cuts lists them)", file=sys.stderr)
+        return 2
+    cuts = args.cuts or [str(c) for c in PAPER_CUTS[arch] if c != 0]
     strengths = {k: v for k, v in (("noise", args.noise), ("nopeek", args.nopeek),
                                    ("dropout", args.dropout)) if v}
     todo = cells(arch, cuts, strengths, args.defense_cuts)

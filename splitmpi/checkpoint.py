@@ -31,15 +31,17 @@ FORMAT = 1
 KEEP = 2
 COMPLETE = "COMPLETE"
 # Keys that may differ between the run that saved and the run that resumes (data.workers
-# and clients.delay_ms change no number: ``data.EpochOrder``, a sleep).
+# and clients.delay_ms change no number: ``data.EpochOrder``, a sleep; model.weights only
+# starts a run: a resumed one takes its weights from the checkpoint).
 VOLATILE = {"train": {"epochs", "resume", "checkpoint_every", "checkpoint_dir", "log_every",
                       "log_seconds", "device", "threads"},
-            "data": {"workers"}, "clients": {"delay_ms"},
+            "data": {"workers"}, "clients": {"delay_ms"}, "model": {"weights"},
             "attack": None, "output": None, "overwrite": None}
 # Keys added after 0.1, with the value that does what a checkpoint saved before they
 # existed did (None: irrelevant to such a run, so whatever the resuming run says).
 ADDED = {"split": {"share_bn": "average", "bn_recalibrate_batches": None,
-                   "share_optimizer": "keep", "share_weights": "equal"}}
+                   "share_optimizer": "keep", "share_weights": "equal"},
+         "data": {"emnist_split": None}}
 
 
 def directory(cfg: Config) -> Path:

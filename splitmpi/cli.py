@@ -12,7 +12,7 @@ import traceback
 
 from mpi4py import MPI
 
-from . import checkpoint, client, config, logs, server
+from . import checkpoint, client, config, data, logs, models, server
 from .errors import ConfigError
 from .results import ResultsWriter
 from .runtime import STOPPED, check_launch, make_context
@@ -59,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help="YAML config file (default: the built-in defaults)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as YAML and exit")
+    p.add_argument("--list-cuts", action="store_true",
+                   help="print the legal model.cut values of model.arch for the data's "
+                        "images, with what crosses the network at each, and exit")
     logs.add_arguments(p)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.epochs=5 model.cut=layer2")
@@ -96,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     logs.setup(rank, args.verbosity)
     agree(world, lambda: check_launch(world.Get_size(), os.environ))
+    if args.list_cuts:
+        table = agree(world, lambda: list_cuts(config.load(args.config, args.overrides)))
+        if rank == 0:
+            print(table)
+        return 0
     cfg, clients = agree(world, lambda: _resolve(args, world.Get_size()))
     if args.print_config:
         if rank == 0:
@@ -122,6 +130,37 @@ def main(argv: list[str] | None = None) -> int:
     return STOPPED if stopped else 0
 
 
+def list_cuts(cfg: config.Config) -> str:
+    """``--list-cuts``: the network's legal cuts in forward order, as a table."""
+    shape = data.spec(cfg.data)
+    made = models.network(cfg.model, shape.channels, shape.image_size, shape.num_classes)
+    title = (f"{cfg.model.arch} on {shape.channels}x{shape.image_size}x{shape.image_size} "
+             f"images, {shape.num_classes} classes")
+    if isinstance(made, models.SplitModel):
+        counts = [sum(p.numel() for p in m.parameters()) for m in vars(made).values()]
+        return (f"{title}: the function returns its three parts, so the cut is theirs "
+                f"(parameters: extractor {counts[0]:,}, cloud {counts[1]:,}, "
+                f"classifier {counts[2]:,})")
+    net, _ = made
+    models.check_image_size(net, cfg.model.arch, shape.channels, shape.image_size)
+    found = models.cuts(net, cfg.model.arch, shape.channels, shape.image_size)
+    if cfg.model.arch == "cnn5":  # its cuts are whole blocks: 1.0 would read as a number
+        found = [c for c in found if "." not in c.name]
+        title += "; cnn5's cut 0 sends the inputs themselves (label_sharing only)"
+    rows = [("model.cut", "activation", "bytes/sample", "extractor", "cloud", "classifier",
+             "same tensor as")]
+    rows += [(c.name, "x".join(map(str, c.shape)), f"{c.bytes:,}", *(f"{n:,}" for n in c.params),
+              ", ".join(c.aliases)) for c in found]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(f"{v:<{w}}" if i in (0, 1, 6) else f"{v:>{w}}"
+                       for i, (v, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+    return "\n".join([title, *lines, "bytes/sample: float32 activation (and its gradient "
+                       "back) per sample and step; comm.wire_dtype=bfloat16 halves it",
+                       "extractor, cloud, classifier: parameters"])
+
+
 def _resolve(args, world_size: int):
     cfg = config.load(args.config, args.overrides)
-    return cfg, config.check_world(cfg, world_size)
+    clients = config.check_world(cfg, world_size)
+    data.check_available(cfg.data)
+    return cfg, clients

@@ -83,9 +83,9 @@ def state(client: Client) -> dict:
 
 
 def restore(client: Client, saved: dict) -> None:
-    client.extractor.load_state_dict(saved["extractor"])
+    models.load_part(client.extractor, saved["extractor"])
     if client.classifier is not None:
-        client.classifier.load_state_dict(saved["classifier"])
+        models.load_part(client.classifier, saved["classifier"])
     if client.optimizer is not None:
         client.optimizer.load_state_dict(saved["optimizer"])
     checkpoint.set_rng_state(saved["rng"])

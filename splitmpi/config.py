@@ -10,9 +10,12 @@ A field's annotation is its contract: ``Literal[...]`` lists the choices (errors
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,7 +29,10 @@ from .errors import ConfigError
 Partition = Literal["blocks", "iid", "dirichlet"] | Annotated[
     list, "a list of class lists, e.g. [[0,1,2,3],[4,5,6],[7,8,9]]"]
 
-CUTS = {"resnet50": ("layer1", "layer2", "layer3"), "cnn5": (0, 1, 2, 3, 4)}
+# The built-in data sets (``data.DATASETS`` reads them); a user's own is "package.module:function".
+DataName = Literal["synthetic", "mnist", "fashionmnist", "kmnist", "emnist", "cifar10",
+                   "cifar100", "svhn", "stl10", "imagenet", "folder"] | Annotated[
+    str, "package.module:function (your own data sets)"]
 
 
 def _at_least(low: float, prefix: str, section: object, *names: str) -> None:
@@ -49,8 +55,9 @@ def _positive(prefix: str, section: object, *names: str) -> None:
 
 @dataclass
 class DataConfig:
-    name: Literal["synthetic", "mnist", "cifar10", "imagenet"] = "synthetic"
-    """synthetic is built in; the others are read from ``root`` and never downloaded."""
+    name: DataName = "synthetic"
+    """synthetic is built in; the others are read from ``root`` and never downloaded
+    (docs/data.md); ``package.module:function`` returns your own (train, test) data sets."""
     root: str = "data"
     """Folder holding the data sets (see the README for the layout of each)."""
     partition: Partition = "blocks"
@@ -73,8 +80,12 @@ class DataConfig:
     """>0: use at most this many train (and test) samples per client, for quick runs."""
     workers: int = 0
     """DataLoader worker processes per client; 0 loads in the client's own process."""
+    emnist_split: Literal["balanced", "byclass", "bymerge", "digits", "letters",
+                          "mnist"] = "balanced"
+    """emnist only: which of its splits (torchvision's names)."""
 
     def validate(self) -> None:
+        _check_name("data.name", self.name, DataName)
         _at_least(1, "data", self, "num_classes", "channels", "train_size", "test_size")
         _at_least(0, "data", self, "limit", "workers")
         _positive("data", self, "dirichlet_alpha")
@@ -91,19 +102,23 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["cnn5", "resnet50"] = "cnn5"
-    """cnn5: the spatio-temporal paper's 5-block CNN; resnet50: torchvision's, untrained."""
+    arch: str = "cnn5"
+    """cnn5: the spatio-temporal paper's 5-block CNN; any torchvision classification model
+    by name (resnet18, vgg11_bn, vit_b_16, ...); or ``package.module:function``, your own
+    network (docs/models.md). Checked when the network is built (``models.build``)."""
     cut: str | int = 2
-    """Where the network is cut (``CUTS``): cnn5: 0..4 blocks on the client; resnet50:
-    layer1, layer2 or layer3, the last stage on the client."""
+    """The module after which the clients' extractor ends, by its dotted name (layer2,
+    features.6); cnn5: 0..5 blocks on the client (0: none, label_sharing only) or
+    flatten. ``python -m splitmpi --list-cuts`` lists a network's cuts."""
+    weights: str = ""
+    """Empty: random init from train.seed; else a local file holding a torchvision state
+    dict, or a splitmpi checkpoint folder. Nothing is downloaded."""
 
     def validate(self) -> None:
-        cuts = CUTS[self.arch]
-        if self.arch == "cnn5" and isinstance(self.cut, str) and self.cut.isdigit():
-            self.cut = int(self.cut)  # a quoted "3" in YAML is the cut 3
-        if self.cut not in cuts:
-            raise ConfigError(f"model.cut={self.cut!r} is not a cut of {self.arch}",
-                              f"use one of: {', '.join(map(str, cuts))}")
+        if not self.arch:
+            raise ConfigError("model.arch is empty", "set model.arch, e.g. model.arch=cnn5")
+        if isinstance(self.cut, str) and self.cut.isdigit():
+            self.cut = int(self.cut)  # a quoted "3" in YAML is cnn5's cut 3
 
 
 @dataclass
@@ -287,6 +302,41 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def _check_name(key: str, value: str, annotation: Any) -> None:
+    """A name field that takes one of its choices or a user's ``package.module:function``."""
+    names = [v for kind in _alternatives(annotation) if typing.get_origin(kind) is Literal
+             for v in typing.get_args(kind)]
+    if value in names or ":" in value:
+        return
+    close = difflib.get_close_matches(value, names, n=3)
+    raise ConfigError(f"{key}={value!r} is not supported"
+                      + (f" (did you mean {' or '.join(close)}?)" if close else ""),
+                      f"use one of: {choices(annotation)}")
+
+
+def user_function(key: str, value: str, parameters: str) -> Callable:
+    """The function a ``package.module:function`` value names (model.arch, data.name),
+    imported as Python imports it (the working directory and PYTHONPATH); ``parameters``
+    is how splitmpi calls it, for the messages."""
+    module_name, _, name = value.partition(":")
+    if not module_name or not name.isidentifier():
+        raise ConfigError(f"{key}={value} is not package.module:function",
+                          f"e.g. {key}=mymodule:build for def build{parameters} in mymodule.py")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module may fail in any way while it loads
+        raise ConfigError(f"{key}={value}: cannot import module {module_name} "
+                          f"({type(exc).__name__}: {exc})",
+                          f"put the folder holding {module_name.split('.')[0]} on PYTHONPATH "
+                          "for every rank (or start from it), and check that it imports"
+                          ) from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ConfigError(f"{key}={value}: module {module_name} ({module.__file__}) has no "
+                          f"function {name}", f"define {name}{parameters} there")
+    return function
+
+
 def _alternatives(annotation: Any) -> tuple:
     """The members of a union annotation, or the annotation alone."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -417,11 +467,12 @@ def validate(cfg: Config) -> None:
     for section in (cfg.data, cfg.model, cfg.split, cfg.train, cfg.clients, cfg.defense,
                     cfg.attack):
         section.validate()
-    if cfg.model.arch == "cnn5" and cfg.model.cut == 0 and cfg.split.topology == "u_shape":
-        raise ConfigError("model.cut=0 leaves no layer on the clients, so u_shape would send "
-                          "raw inputs to the server",
+    if ((cfg.model.arch == "cnn5" and cfg.model.cut == 0) or cfg.model.cut == "") and \
+            cfg.split.topology == "u_shape":
+        raise ConfigError(f"model.cut={cfg.model.cut!r} leaves no layer on the clients, so "
+                          "u_shape would send raw inputs to the server",
                           "use split.topology=label_sharing for the all-at-server baseline, "
-                          "or a cut of 1..4")
+                          "or a cut that leaves layers on the clients")
     if not cfg.output:
         raise ConfigError("output is empty", "set output=PATH.h5")
 

@@ -4,6 +4,9 @@ Every image comes out as a float32 tensor normalised to [-1, 1] (``Normalize(0.5
 per channel, synthetic data generated in that range); the attack code relies on this
 range, e.g. to bound and compare reconstructions, so keep it when adding a data set.
 
+The built-in data sets are read from files under ``data.root``, never downloaded, one entry
+of ``DATASETS`` each; ``data.name=package.module:function`` is a user's own (docs/data.md).
+
 Every rank computes the same partition from the same config, then a client keeps only its
 own shard, so no indices are ever sent over MPI.
 """
@@ -12,20 +15,23 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .config import Config, DataConfig
+from .config import Config, DataConfig, user_function
 from .errors import ConfigError
 
 SYNTHETIC_SEED = 1234  # fixed, so every rank generates the same images whatever train.seed
-DEFAULT_SIZE = {"mnist": 28, "cifar10": 32, "imagenet": 224, "synthetic": 32}
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+EMNIST_CLASSES = {"byclass": 62, "bymerge": 47, "balanced": 47, "letters": 26, "digits": 10,
+                  "mnist": 10}
 
 
 @dataclass(frozen=True)
@@ -35,16 +41,206 @@ class DataSpec:
     num_classes: int
 
 
+@dataclass(frozen=True)
+class Builtin:
+    """A data set read from files under ``data.root``: which files and where (checked before
+    any work starts), what ``spec`` says without reading an image, and how to read it."""
+
+    title: str  # its name in messages
+    channels: int
+    size: int  # its own image size; data.image_size resizes
+    classes: Callable[[DataConfig], int]
+    read: Callable[[DataConfig, bool, Callable], Dataset]  # (cfg, train, transform)
+    augment: Literal["none", "crop", "crop+flip", "photo"]  # training only, see _transform
+    how: str  # how the files get there, for the error naming a missing one
+    folder: str = ""  # the folder of ``files`` under data.root
+    files: tuple[str, ...] = ()  # {split} is data.emnist_split
+    trees: tuple[str, str] = ()  # class-folder sets: their train and test folders
+
+
+# --- readers -------------------------------------------------------------------------------
+
+def _torchvision():
+    """torchvision's ``datasets`` and ``transforms``, imported on first use: torchvision
+    costs every rank 1.5 s of start-up and 170 MB, and the synthetic data needs none of it."""
+    from torchvision import datasets, transforms
+    return datasets, transforms
+
+
+def _reader(reader_class: Callable[[], type]) -> Callable[[DataConfig, bool, Callable], Dataset]:
+    """Reads with a torchvision-style class taking ``(root, train=, transform=)``."""
+    def read(cfg: DataConfig, train: bool, transform: Callable) -> Dataset:
+        return reader_class()(cfg.root, train=train, download=False, transform=transform)
+    return read
+
+
+def _own(name: str) -> Callable[[], type]:
+    """torchvision's own ``datasets.<name>``: its idx files are checked for existence only."""
+    return lambda: getattr(_torchvision()[0], name)
+
+
+@functools.cache
+def _cifar_files(name: str) -> type:
+    """torchvision's CIFAR-10 or CIFAR-100 reader checking that files exist rather than
+    their md5 sums.
+
+    ``check_integrity(path, None)`` only tests existence, so small stand-in copies (tests,
+    subsets) load through torchvision's own code. CIFAR-100 gives its 100 fine labels.
+    """
+    base = getattr(_torchvision()[0], name)
+
+    class CIFARFiles(base):
+        train_list = [[file, None] for file, _ in base.train_list]
+        test_list = [[file, None] for file, _ in base.test_list]
+        meta = {**base.meta, "md5": None}
+
+    return CIFARFiles
+
+
+@functools.cache
+def _svhn_files() -> type:
+    """torchvision's SVHN reader checking that its file exists rather than its md5 sum,
+    taking ``train=`` and giving its labels (0..9, as torchvision maps the file's 10 for
+    the digit 0) as ``.targets``."""
+    datasets, _ = _torchvision()
+
+    class SVHNFiles(datasets.SVHN):
+        split_list = {split: [url, file, None]
+                      for split, (url, file, _) in datasets.SVHN.split_list.items()}
+
+        def __init__(self, root, train: bool, **kwargs):
+            super().__init__(root, split="train" if train else "test", **kwargs)
+
+        @property
+        def targets(self) -> np.ndarray:
+            return self.labels
+
+    return SVHNFiles
+
+
+@functools.cache
+def _stl10_files() -> type:
+    """torchvision's STL-10 reader for the labelled train and test splits only (the
+    unlabeled 2.7 GB file is neither needed nor checked), files checked for existence
+    rather than md5 sums, taking ``train=`` and giving ``.targets`` (0..9)."""
+    datasets, _ = _torchvision()
+
+    class STL10Files(datasets.STL10):
+        train_list = [[file, None] for file, _ in datasets.STL10.train_list[:2]]
+        test_list = [[file, None] for file, _ in datasets.STL10.test_list]
+
+        def __init__(self, root, train: bool, **kwargs):
+            super().__init__(root, split="train" if train else "test", **kwargs)
+
+        @property
+        def targets(self) -> np.ndarray:
+            return self.labels
+
+    return STL10Files
+
+
+@functools.cache
+def _emnist_files() -> type:
+    """torchvision's EMNIST reader, ``letters`` labelled 0..25: torchvision gives them
+    1..26 with an empty class 0, which would leave a "blocks" client without samples."""
+    datasets, _ = _torchvision()
+
+    class EMNISTFiles(datasets.EMNIST):
+        @property
+        def raw_folder(self) -> str:  # torchvision names it after the class
+            return os.path.join(self.root, "EMNIST", "raw")
+
+        def __init__(self, root, split: str, **kwargs):
+            super().__init__(root, split, **kwargs)
+            if split == "letters":
+                self.targets = self.targets - 1
+                self.classes = self.classes[1:]
+
+    return EMNISTFiles
+
+
+def _read_emnist(cfg: DataConfig, train: bool, transform: Callable) -> Dataset:
+    return _emnist_files()(cfg.root, cfg.emnist_split, train=train, download=False,
+                           transform=transform)
+
+
+def _read_tree(cfg: DataConfig, train: bool, transform: Callable) -> Dataset:
+    """ImageFolder over the train or test class folders (imagenet, folder); every image is
+    converted to RGB."""
+    datasets, _ = _torchvision()
+    entry = DATASETS[cfg.name]
+    folder = Path(cfg.root) / entry.trees[0 if train else 1]
+    try:
+        return datasets.ImageFolder(folder, transform=transform)
+    except FileNotFoundError as exc:  # e.g. a class folder without images
+        raise ConfigError(f"{entry.title} folder {folder}: {exc}",
+                          "put at least one image in every class folder") from None
+
+
+def _fixed(count: int) -> Callable[[DataConfig], int]:
+    return lambda cfg: count
+
+
+def _tree_classes(cfg: DataConfig) -> int:
+    return len(_class_folders(cfg, DATASETS[cfg.name].trees[0]))
+
+
+def _idx_set(title: str, reader: str) -> Builtin:
+    """A 28 px grey set in MNIST's four idx files, read by torchvision's class ``reader``
+    from root/<reader>/raw/ (torchvision names the folder after the class)."""
+    return Builtin(title, 1, 28, _fixed(10), _reader(_own(reader)), "none",
+                   f"put the uncompressed {title} idx files under {{folder}}/",
+                   f"{reader}/raw", MNIST_FILES)
+
+
+DATASETS: dict[str, Builtin] = {
+    "mnist": _idx_set("MNIST", "MNIST"),
+    "fashionmnist": _idx_set("Fashion-MNIST", "FashionMNIST"),
+    "kmnist": _idx_set("KMNIST", "KMNIST"),
+    "emnist": Builtin(
+        "EMNIST", 1, 28, lambda cfg: EMNIST_CLASSES[cfg.emnist_split], _read_emnist, "none",
+        "unzip EMNIST's gzip.zip and gunzip its emnist-{split}-* files into {folder}/",
+        "EMNIST/raw", tuple(f"emnist-{{split}}-{part}" for part in (
+            "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+            "test-images-idx3-ubyte", "test-labels-idx1-ubyte"))),
+    "cifar10": Builtin(
+        "CIFAR-10", 3, 32, _fixed(10), _reader(lambda: _cifar_files("CIFAR10")), "crop+flip",
+        "unpack cifar-10-python.tar.gz into {root}/ so that {folder}/ exists",
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")),
+    "cifar100": Builtin(
+        "CIFAR-100", 3, 32, _fixed(100), _reader(lambda: _cifar_files("CIFAR100")),
+        "crop+flip", "unpack cifar-100-python.tar.gz into {root}/ so that {folder}/ exists",
+        "cifar-100-python", ("train", "test", "meta")),
+    "svhn": Builtin(  # digits: a flip would make another digit
+        "SVHN", 3, 32, _fixed(10), _reader(_svhn_files), "crop",
+        "put SVHN's cropped digits, train_32x32.mat and test_32x32.mat, in {folder}/",
+        "", ("train_32x32.mat", "test_32x32.mat")),
+    "stl10": Builtin(
+        "STL-10", 3, 96, _fixed(10), _reader(_stl10_files), "crop+flip",
+        "unpack stl10_binary.tar.gz into {root}/ so that {folder}/ exists",
+        "stl10_binary", ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")),
+    "imagenet": Builtin(
+        "ImageNet", 3, 224, _tree_classes, _read_tree, "photo",
+        "put one folder per class (e.g. n01440764/) under {root}/train/ and {root}/val/",
+        trees=("train", "val")),
+    "folder": Builtin(
+        "Image", 3, 224, _tree_classes, _read_tree, "photo",
+        "put one folder of images per class (e.g. cat/, dog/) under {root}/train/ and "
+        "{root}/test/", trees=("train", "test")),
+}
+DEFAULT_SIZE = {"synthetic": 32} | {name: entry.size for name, entry in DATASETS.items()}
+
+
 def spec(cfg: DataConfig) -> DataSpec:
-    """Shape of the images and number of classes, known before any image is read."""
-    size = _image_size(cfg)
-    if cfg.name == "mnist":
-        return DataSpec(1, size, 10)
-    if cfg.name == "cifar10":
-        return DataSpec(3, size, 10)
-    if cfg.name == "imagenet":
-        return DataSpec(3, size, len(_class_folders(Path(cfg.root) / "train")))
-    return DataSpec(cfg.channels, size, cfg.num_classes)
+    """Shape of the images and number of classes, known before any image is read (a
+    user's data set: from its first training item and its labels)."""
+    if cfg.name == "synthetic":
+        return DataSpec(cfg.channels, _image_size(cfg), cfg.num_classes)
+    if ":" in cfg.name:
+        return _user_spec(cfg)
+    entry = DATASETS[cfg.name]
+    return DataSpec(entry.channels, _image_size(cfg), entry.classes(cfg))
 
 
 def _image_size(cfg: DataConfig) -> int:
@@ -57,70 +253,175 @@ def _missing(kind: str, path: Path, fix: str) -> ConfigError:
     return ConfigError(f"{kind} {path} not found", fix)
 
 
-def _class_folders(folder: Path) -> list[str]:
+def _fix(cfg: DataConfig, entry: Builtin) -> str:
+    root = Path(cfg.root)
+    how = entry.how.format(root=root, folder=root / entry.folder, split=cfg.emnist_split)
+    return f"{how} (data.root={cfg.root}) or set data.root"
+
+
+def _class_folders(cfg: DataConfig, tree: str) -> list[str]:
     """Class folder names as ImageFolder sees them (sorted sub-directories)."""
-    fix = ("put one folder per class (e.g. n01440764/) under data.root/train/ and "
-           "data.root/val/, or set data.root")
+    entry = DATASETS[cfg.name]
+    folder = Path(cfg.root) / tree
     if not folder.is_dir():
-        raise _missing("ImageNet folder", folder, fix)
-    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+        raise _missing(f"{entry.title} folder", folder, _fix(cfg, entry))
+    classes = sorted(item.name for item in os.scandir(folder) if item.is_dir())
     if not classes:
-        raise ConfigError(f"ImageNet folder {folder} holds no class folders", fix)
+        raise ConfigError(f"{entry.title} folder {folder} holds no class folders",
+                          _fix(cfg, entry))
     return classes
 
 
 def check_available(cfg: DataConfig) -> None:
-    """Fail before any work starts, naming the first missing file and where it belongs."""
-    root = Path(cfg.root)
-    if cfg.name == "mnist":
-        raw = root / "MNIST" / "raw"
-        for name in MNIST_FILES:
-            if not (raw / name).is_file():
-                raise _missing("MNIST file", raw / name,
-                               f"put the uncompressed MNIST idx files under {raw}/ "
-                               f"(data.root={cfg.root}) or set data.root")
-    elif cfg.name == "cifar10":
-        files = _cifar10_files()
-        folder = root / files.base_folder
-        for name in [n for n, _ in files.train_list + files.test_list] + [
-                files.meta["filename"]]:
-            if not (folder / name).is_file():
-                raise _missing("CIFAR-10 file", folder / name,
-                               f"unpack cifar-10-python.tar.gz into {root}/ so that {folder}/ "
-                               f"exists (data.root={cfg.root}) or set data.root")
-    elif cfg.name == "imagenet":
-        train = _class_folders(root / "train")
-        val = _class_folders(root / "val")
-        if train != val:
-            only = sorted(set(train) ^ set(val))
-            raise ConfigError(f"ImageNet class folders differ between {root}/train and "
-                              f"{root}/val (e.g. {', '.join(only[:3])})",
-                              "give val/ the same class folders as train/ (sort the "
-                              "validation images into class folders)")
+    """Fail before any work starts, naming the first missing file and where it belongs (a
+    user's data set: building and checking it, once per process)."""
+    if cfg.name == "synthetic":
+        return
+    if ":" in cfg.name:
+        _user_spec(cfg)
+        return
+    entry = DATASETS[cfg.name]
+    if entry.trees:
+        _check_trees(cfg, entry)
+    folder = Path(cfg.root) / entry.folder
+    for name in entry.files:
+        path = folder / name.format(split=cfg.emnist_split)
+        if not path.is_file():
+            raise _missing(f"{entry.title} file", path, _fix(cfg, entry))
 
 
-def _torchvision():
-    """torchvision's ``datasets`` and ``transforms``, imported on first use: torchvision
-    costs every rank 1.5 s of start-up and 170 MB, and the synthetic data needs none of it."""
-    from torchvision import datasets, transforms
-    return datasets, transforms
+def _check_trees(cfg: DataConfig, entry: Builtin) -> None:
+    """Train and test hold the same class folders, so a label means one class in both."""
+    train, test = (_class_folders(cfg, tree) for tree in entry.trees)
+    if train != test:
+        root, (train_tree, test_tree) = Path(cfg.root), entry.trees
+        only = sorted(set(train) ^ set(test))
+        raise ConfigError(f"{entry.title} class folders differ between {root}/{train_tree} "
+                          f"and {root}/{test_tree} (e.g. {', '.join(only[:3])})",
+                          f"give {test_tree}/ the same class folders as {train_tree}/, each "
+                          "with at least one image")
+
+
+# --- a user's data sets --------------------------------------------------------------------
+
+ITEMS = ("(train, test): two data sets (len() and [i]) whose items are (image, label), the "
+         "image a float tensor (channels, size, size) in [-1, 1], the label an int")
+
+
+class UserData(NamedTuple):
+    train: Dataset
+    test: Dataset
+    spec: DataSpec
+
+
+class Labelled(Dataset):
+    """A user's data set with its labels read once, as ``.targets``: the partition reads
+    them without opening an image, and every item's label is that int."""
+
+    def __init__(self, dataset: Dataset, targets: np.ndarray):
+        self.dataset = dataset
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.dataset[index][0], int(self.targets[index])
+
+
+def _user_spec(cfg: DataConfig) -> DataSpec:
+    shape = _user_data(cfg.name, cfg.root).spec
+    if cfg.image_size and cfg.image_size != shape.image_size:
+        raise ConfigError(f"data.image_size={cfg.image_size} but {cfg.name} gives "
+                          f"{shape.image_size} px images",
+                          "leave data.image_size at 0 (your function sizes its images) or "
+                          "resize them in your function")
+    return shape
 
 
 @functools.cache
-def _cifar10_files() -> type:
-    """torchvision's CIFAR-10 reader checking that files exist rather than their md5 sums.
+def _user_data(name: str, root: str) -> UserData:
+    """``package.module:function`` called with data.root, once per process (``spec`` and
+    ``_load`` share it), checked, labels read once.
 
-    ``check_integrity(path, None)`` only tests existence, so small stand-in copies (tests,
-    subsets) load through torchvision's own code.
+    torch's random state is left as it was: the function and reading labels item by item
+    may draw from it (random transforms), and ranks call this at different moments.
     """
-    datasets, _ = _torchvision()
+    function = user_function("data.name", name, "(root)")
+    with torch.random.fork_rng(devices=[]):
+        result = function(root)
+        if not (isinstance(result, (tuple, list)) and len(result) == 2
+                and all(hasattr(d, "__len__") and hasattr(d, "__getitem__") for d in result)):
+            raise ConfigError(f"data.name={name}: {name.partition(':')[2]}({root!r}) "
+                              f"returned {_describe(result)}", f"return {ITEMS}")
+        train, test = (_labelled(name, d, which) for d, which in zip(result, ("train", "test")))
+        shape, test_shape = _image_shape(name, train, "train"), _image_shape(name, test, "test")
+    if test_shape != shape:
+        raise ConfigError(f"data.name={name}: train images are (channels, size) {shape} but "
+                          f"test images {test_shape}",
+                          "give train and test images the same channels and size")
+    classes = int(max(train.targets.max(), test.targets.max())) + 1
+    return UserData(train, test, DataSpec(shape[0], shape[1], classes))
 
-    class CIFAR10Files(datasets.CIFAR10):
-        train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
-        test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
-        meta = {**datasets.CIFAR10.meta, "md5": None}
 
-    return CIFAR10Files
+def _describe(value: object) -> str:
+    """A value's type as an error names it: tensors with their dtype and shape, tuples with
+    their members' types."""
+    if torch.is_tensor(value):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return (f"a {type(value).__name__} of {len(value)} "
+                f"({', '.join(type(v).__name__ for v in value[:4])})")
+    kind = type(value).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def _item(name: str, dataset: Dataset, index: int, which: str) -> tuple:
+    item = dataset[index]
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise ConfigError(f"data.name={name}: item {index} of the {which} data set is "
+                          f"{_describe(item)}", f"return {ITEMS}")
+    return item
+
+
+def _labelled(name: str, dataset: Dataset, which: str) -> Labelled:
+    """``dataset`` with its labels as an int64 array: its ``.targets``, else each item's."""
+    if len(dataset) == 0:
+        raise ConfigError(f"data.name={name}: the {which} data set is empty",
+                          "return at least one sample in each of train and test")
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = [_item(name, dataset, i, which)[1] for i in range(len(dataset))]
+        targets = [t.item() if torch.is_tensor(t) else t for t in targets]
+    try:
+        labels = np.asarray(targets)
+    except ValueError:  # ragged
+        labels = np.asarray(targets, dtype=object)
+    if labels.shape != (len(dataset),) or not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError(f"data.name={name}: the {which} labels are not one int per sample "
+                          f"(found {labels.dtype} of shape {labels.shape} for {len(dataset)} "
+                          "samples)", "label the classes 0, 1, 2, ... with ints")
+    if labels.min() < 0:
+        raise ConfigError(f"data.name={name}: the {which} labels include {labels.min()}",
+                          "label the classes 0, 1, 2, ... with ints")
+    return Labelled(dataset, labels.astype(np.int64))
+
+
+def _image_shape(name: str, dataset: Labelled, which: str) -> tuple[int, int]:
+    """(channels, size) of the first image, which must be a square float tensor in [-1, 1]."""
+    image = _item(name, dataset.dataset, 0, which)[0]
+    if not (torch.is_tensor(image) and image.is_floating_point() and image.dim() == 3
+            and image.shape[1] == image.shape[2]):
+        raise ConfigError(f"data.name={name}: the first {which} image is {_describe(image)}",
+                          "give each image as a float tensor (channels, size, size), e.g. "
+                          "through transforms.ToTensor() after a square resize or crop")
+    low, high = image.min().item(), image.max().item()
+    if low < -1 - 1e-6 or high > 1 + 1e-6:
+        raise ConfigError(f"data.name={name}: the first {which} image has values in "
+                          f"[{low:.3g}, {high:.3g}], not in [-1, 1]",
+                          "normalise to [-1, 1], e.g. transforms.Normalize([0.5] * channels, "
+                          "[0.5] * channels) after transforms.ToTensor()")
+    return image.shape[0], image.shape[1]
 
 
 # --- transforms and full data sets ---------------------------------------------------------
@@ -130,38 +431,24 @@ def _normalise(channels: int) -> list:
     return [transforms.ToTensor(), transforms.Normalize([0.5] * channels, [0.5] * channels)]
 
 
-def _mnist(cfg: DataConfig, train: bool) -> Dataset:
-    datasets, transforms = _torchvision()
-    size = _image_size(cfg)
-    resize = [transforms.Resize(size)] if size != 28 else []
-    return datasets.MNIST(cfg.root, train=train, download=False,
-                          transform=transforms.Compose(resize + _normalise(1)))
-
-
-def _cifar10(cfg: DataConfig, train: bool) -> Dataset:
+def _transform(cfg: DataConfig, entry: Builtin, train: bool) -> Callable:
+    """Resize to data.image_size where set, the data set's own augmentation when training,
+    then [-1, 1]. Fixed-size sets crop at a padded random offset (``crop``) and flip (not
+    digits); photos (``photo``) take ImageNet's random resized crops, and a centre crop to
+    test."""
     _, transforms = _torchvision()
     size = _image_size(cfg)
-    steps = [transforms.Resize(size)] if size != 32 else []
-    if train:
-        steps += [transforms.RandomCrop(size, padding=size // 8),
-                  transforms.RandomHorizontalFlip()]
-    return _cifar10_files()(cfg.root, train=train, download=False,
-                            transform=transforms.Compose(steps + _normalise(3)))
-
-
-def _imagenet(cfg: DataConfig, train: bool) -> Dataset:
-    datasets, transforms = _torchvision()
-    size = _image_size(cfg)
-    if train:
-        steps = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
+    if entry.augment == "photo":
+        steps = ([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
+                 if train else
+                 [transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size)])
     else:
-        steps = [transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size)]
-    folder = Path(cfg.root) / ("train" if train else "val")
-    try:
-        return datasets.ImageFolder(folder, transform=transforms.Compose(steps + _normalise(3)))
-    except FileNotFoundError as exc:  # e.g. a class folder without images
-        raise ConfigError(f"ImageNet folder {folder}: {exc}",
-                          "put at least one image in every class folder") from None
+        steps = [transforms.Resize(size)] if size != entry.size else []
+        if train and entry.augment != "none":
+            steps.append(transforms.RandomCrop(size, padding=size // 8))
+        if train and entry.augment == "crop+flip":
+            steps.append(transforms.RandomHorizontalFlip())
+    return transforms.Compose(steps + _normalise(entry.channels))
 
 
 class SyntheticImages(Dataset):
@@ -223,14 +510,20 @@ def _synthetic(cfg: DataConfig) -> tuple[Dataset, Dataset]:
             _samples(protos, cfg.test_size, size, shift, g))
 
 
+
+
 def _load(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     """The full (train, test) data sets with their transforms."""
     check_available(cfg)
     if cfg.name == "synthetic":
         return _synthetic(cfg)
-    build = {"mnist": _mnist, "cifar10": _cifar10, "imagenet": _imagenet}[cfg.name]
+    if ":" in cfg.name:
+        user = _user_data(cfg.name, cfg.root)
+        return user.train, user.test
+    entry = DATASETS[cfg.name]
     try:
-        return build(cfg, True), build(cfg, False)
+        return (entry.read(cfg, True, _transform(cfg, entry, True)),
+                entry.read(cfg, False, _transform(cfg, entry, False)))
     except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as exc:
         raise ConfigError(f"the {cfg.name} files under {cfg.root} are corrupt or truncated "
                           f"({type(exc).__name__}: {str(exc)[:160]})",

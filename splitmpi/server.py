@@ -79,9 +79,9 @@ def state(server: Server) -> dict:
 
 
 def restore(server: Server, saved: dict) -> None:
-    server.cloud.load_state_dict(saved["cloud"])
+    models.load_part(server.cloud, saved["cloud"])
     if server.head is not None:
-        server.head.load_state_dict(saved["head"])
+        models.load_part(server.head, saved["head"])
     server.optimizer.load_state_dict(saved["optimizer"])
     server.schedule.load_state_dict(saved["schedule"])
     checkpoint.set_rng_state(saved["rng"])

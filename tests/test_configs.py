@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from splitmpi import config
+from splitmpi import config, models
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ALL = sorted(CONFIGS.glob("*.yaml"))
@@ -62,7 +62,7 @@ def test_table1_hyperparameters(data, share):
     else:
         assert cfg.data.partition == "blocks"
     assert config.check_world(cfg, 4) == 3  # mpirun -n 4: 3 clients
-    for cut in config.CUTS["resnet50"]:  # what the table1 sweep varies
+    for cut in models.PAPER_CUTS["resnet50"]:  # what the table1 sweep varies
         assert config.load(str(CONFIGS / f"table1_{data}_{share}.yaml"),
                            [f"model.cut={cut}"]).model.cut == cut
 

@@ -1,10 +1,24 @@
 """Data: the real file formats through the users' path, partitions, per-client test sets,
-the synthetic set, and reproducible batch order."""
+the synthetic set, a user's own data sets, and reproducible batch order."""
+import functools
+import itertools
+import textwrap
+
 import numpy as np
 import pytest
 import torch
 
-from datasets import write_cifar10, write_imagefolder, write_mnist
+from datasets import (
+    write_cifar10,
+    write_cifar100,
+    write_emnist,
+    write_fashionmnist,
+    write_imagefolder,
+    write_kmnist,
+    write_mnist,
+    write_stl10,
+    write_svhn,
+)
 from splitmpi import data
 from splitmpi.config import Config, DataConfig
 from splitmpi.errors import ConfigError
@@ -83,7 +97,102 @@ def test_imagenet_folders(tmp_path):
     assert sorted(yt.tolist()) == [2, 2, 3, 3]
 
 
+# Every built-in format: its writer, data.* settings, and its spec.
+FORMATS = {
+    "mnist": (write_mnist, {}, (1, 28, 10)),
+    "fashionmnist": (write_fashionmnist, {}, (1, 28, 10)),
+    "kmnist": (write_kmnist, {}, (1, 28, 10)),
+    "emnist": (write_emnist, {}, (1, 28, 47)),
+    "cifar10": (write_cifar10, {}, (3, 32, 10)),
+    "cifar100": (write_cifar100, {}, (3, 32, 100)),
+    "svhn": (write_svhn, {}, (3, 32, 10)),
+    "stl10": (write_stl10, {}, (3, 96, 10)),
+    "imagenet": (write_imagefolder, {"image_size": 32}, (3, 32, 4)),
+    "folder": (functools.partial(write_imagefolder, test_folder="test"), {"image_size": 24},
+               (3, 24, 4)),
+}
+
+
+def as_tensors(images: np.ndarray) -> torch.Tensor:
+    """Written uint8 images (N,H,W[,C]) as the [-1, 1] tensors (N,C,H,W) they should read as."""
+    x = torch.from_numpy(images).float() / 255 * 2 - 1
+    return x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_every_format_reads_what_was_written(tmp_path, name):
+    """Spec, sample counts, labels in file order (class folders: as a multiset), the test
+    images pixel for pixel (class folders, JPEG: shape and range), and a "blocks" split
+    that gives each of 3 clients its classes' samples and only those in its test set."""
+    writer, settings, shape = FORMATS[name]
+    written = writer(tmp_path)
+    cfg = make_cfg(name, tmp_path, **settings)
+    assert data.spec(cfg.data) == data.DataSpec(*shape)
+    train, test = data._load(cfg.data)
+    channels, size, _ = shape
+    for dataset, labels in ((train, written.train_labels), (test, written.test_labels)):
+        if data.DATASETS[name].trees:
+            assert sorted(data.targets_of(dataset).tolist()) == sorted(labels.tolist())
+        else:
+            assert data.targets_of(dataset).tolist() == labels.tolist()
+    assert_normalised(torch.stack([train[i][0] for i in range(len(train))]), channels, size)
+    xt = torch.stack([test[i][0] for i in range(len(test))])
+    assert_normalised(xt, channels, size)
+    if not data.DATASETS[name].trees:
+        torch.testing.assert_close(xt, as_tensors(written.test_images))
+    for client in (1, 2, 3):
+        mine, mine_test, classes = data.client_datasets(cfg, client, 3)
+        assert len(mine) > 0 and set(data.targets_of(mine_test).tolist()) == set(classes)
+
+
+def test_emnist_letters_are_labelled_from_0(tmp_path):
+    """torchvision reads the letters as 1..26 with an empty class 0; here they are 0..25,
+    so "blocks" gives every client letters."""
+    written = write_emnist(tmp_path, split="letters")
+    cfg = make_cfg("emnist", tmp_path, emnist_split="letters")
+    assert data.spec(cfg.data) == data.DataSpec(1, 28, 26)
+    train, test, classes = data.client_datasets(cfg, 1, 26)
+    assert classes == [0] and len(train) == 2
+    assert data.targets_of(train.dataset).tolist() == (written.train_labels - 1).tolist()
+    assert data.targets_of(test.dataset).tolist() == (written.test_labels - 1).tolist()
+
+
+def test_stl10_resized_to_the_image_size(tmp_path):
+    write_stl10(tmp_path)
+    cfg = make_cfg("stl10", tmp_path, image_size=32)
+    assert data.spec(cfg.data) == data.DataSpec(3, 32, 10)
+    x, _ = next(iter(data.client_loaders(cfg, 1, 1)[0]))
+    assert_normalised(x, 3, 32)
+
+
 # --- missing files -------------------------------------------------------------------------
+
+FILES = [(name, file) for name, entry in data.DATASETS.items() for file in entry.files]
+
+
+@pytest.mark.parametrize("name, file", FILES)
+def test_every_missing_file_is_named_with_its_folder(tmp_path, name, file):
+    """Empty stand-ins for every file but one: the error names the missing one, and the fix
+    the folder it belongs in."""
+    entry = data.DATASETS[name]
+    folder = tmp_path / entry.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = make_cfg(name, tmp_path, emnist_split="digits")
+    for other in entry.files:
+        if other != file:
+            (folder / other.format(split="digits")).touch()
+    missing = folder / file.format(split="digits")
+    with pytest.raises(ConfigError, match=f"{entry.title} file {missing} not found") as err:
+        data.check_available(cfg.data)
+    assert f"{folder}/" in err.value.fix and f"data.root={tmp_path}" in err.value.fix
+
+
+def test_folder_needs_train_and_test(tmp_path):
+    write_imagefolder(tmp_path, test_folder="val")  # ImageNet's name, not folder's
+    with pytest.raises(ConfigError, match=f"Image folder {tmp_path}/test not found") as err:
+        data.check_available(make_cfg("folder", tmp_path).data)
+    assert f"{tmp_path}/train/ and {tmp_path}/test/" in err.value.fix
+
 
 @pytest.mark.parametrize("name", data.MNIST_FILES)
 def test_missing_mnist_file_is_named(tmp_path, name):
@@ -135,6 +244,127 @@ def test_synthetic_needs_no_files(tmp_path):
     assert not root.exists()  # nothing read there, nothing written
     with pytest.raises(ConfigError, match="not found"):  # the same root fails a real data set
         data.check_available(make_cfg("mnist", root).data)
+
+
+# --- a user's data sets --------------------------------------------------------------------
+
+MODULE_NAMES = itertools.count()
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """Writes a module (a fresh name each time) where imports find it; returns its name.
+    The data sets it makes are forgotten after the test."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def write(source: str) -> str:
+        name = f"splitmpi_test_userdata_{next(MODULE_NAMES)}"
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        return name
+
+    yield write
+    data._user_data.cache_clear()
+
+
+USER_DATA = """
+    import torch
+    from torch.utils.data import Dataset, TensorDataset
+
+    CALLS = []
+
+
+    class WithTargets(Dataset):
+        def __init__(self, images, labels):
+            self.images, self.targets = images, labels.tolist()
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            return self.images[i], self.targets[i]
+
+
+    def load(root):
+        CALLS.append(root)
+        g = torch.Generator().manual_seed(0)
+        labels = torch.arange(40) % 5
+        images = torch.rand(40, 2, 12, 12, generator=g) * 2 - 1
+        return WithTargets(images[:30], labels[:30]), TensorDataset(images[30:], labels[30:])
+"""
+
+
+def test_user_data_set(tmp_path, user_module):
+    """``package.module:function(data.root)``: spec from the first item and the labels,
+    ``.targets`` or each item's label, partitions as for a built-in set, one call a
+    process, and torch's random state untouched."""
+    module = user_module(USER_DATA)
+    cfg = make_cfg(f"{module}:load", tmp_path)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    assert data.spec(cfg.data) == data.DataSpec(2, 12, 5)
+    assert torch.equal(torch.get_rng_state(), before)
+    data.check_available(cfg.data)
+    train, test, classes = data.client_datasets(cfg, 2, 2)
+    assert classes == [3, 4]
+    assert data.targets_of(train).tolist() == [3, 4] * 6
+    assert data.targets_of(test).tolist() == [3, 4] * 2
+    image, label = test[0]
+    assert image.shape == (2, 12, 12) and label == 3 and isinstance(label, int)
+    x, y = everything(data.client_loaders(cfg, 1, 2)[0])
+    assert x.shape == (18, 2, 12, 12) and sorted(set(y.tolist())) == [0, 1, 2]
+    assert __import__(module).CALLS == [str(tmp_path)]
+    cfg.data.image_size = 16
+    with pytest.raises(ConfigError, match="data.image_size=16 but .* gives 12 px images"):
+        data.spec(cfg.data)
+
+
+@pytest.mark.parametrize("body, words", [
+    ("return TensorDataset(X, Y)", ["load('data') returned a TensorDataset",
+                                    "(train, test): two data sets"]),
+    ("return {'train': TensorDataset(X, Y)}", ["returned a dict"]),
+    ("return TensorDataset(X, Y.float()), TensorDataset(X, Y)",
+     ["train labels are not one int per sample (found float"]),
+    ("return TensorDataset(X, Y), TensorDataset(X, Y - 1)", ["test labels include -1"]),
+    ("return TensorDataset(X + 3, Y), TensorDataset(X, Y)", ["not in [-1, 1]", "Normalize"]),
+    ("return TensorDataset(X[:, :, :3], Y), TensorDataset(X, Y)",
+     ["first train image is a torch.float32 tensor of shape (2, 3, 4)"]),
+    ("return TensorDataset(X, Y), TensorDataset(X[:, :1], Y)",
+     ["train images are (channels, size) (2, 4) but test images (1, 4)"]),
+    ("return TensorDataset(X), TensorDataset(X, Y)",
+     ["item 0 of the train data set is a tuple of 1"]),
+    ("return TensorDataset(X[:0], Y[:0]), TensorDataset(X, Y)", ["train data set is empty"]),
+])
+def test_user_data_set_returning_the_wrong_thing(user_module, body, words):
+    module = user_module(f"""
+        import torch
+        from torch.utils.data import TensorDataset
+
+        X, Y = torch.zeros(6, 2, 4, 4), torch.arange(6) % 3
+
+
+        def load(root):
+            {body}
+    """)
+    with pytest.raises(ConfigError) as err:
+        data.check_available(make_cfg(f"{module}:load").data)
+    message = str(err.value)
+    assert f"data.name={module}:load" in message
+    for word in words:
+        assert word in message
+
+
+def test_user_data_set_that_cannot_be_imported(user_module):
+    with pytest.raises(ConfigError, match="cannot import module no_such_module .*PYTHONPATH"):
+        data.spec(make_cfg("no_such_module:load").data)
+    broken = user_module("import no_such_dependency\n")
+    with pytest.raises(ConfigError, match=f"cannot import module {broken} .*no_such_dependency"):
+        data.spec(make_cfg(f"{broken}:load").data)
+    module = user_module("def other(root):\n    pass\n")
+    with pytest.raises(ConfigError, match=f"module {module} .* has no function load") as err:
+        data.spec(make_cfg(f"{module}:load").data)
+    assert "define load(root)" in err.value.fix
+    with pytest.raises(ConfigError, match="is not package.module:function"):
+        data.spec(make_cfg(f"{module}:").data)
 
 
 # --- partitions ----------------------------------------------------------------------------

@@ -35,20 +35,20 @@ SETTINGS = ("data.train_size=100", "data.test_size=60", "data.image_size=8",
             "train.batch_size=30", "train.epochs=2", "train.checkpoint_every=1",
             "train.device=cpu", "train.threads=1")
 MODELS = {"cnn5": ("model.arch=cnn5", "model.cut=2"),
-          "resnet50": ("model.arch=resnet50", "model.cut=layer1")}  # BatchNorm on both sides
+          "resnet18": ("model.arch=resnet18", "model.cut=layer1")}  # BatchNorm on both sides
 # Each BatchNorm mode of sharing once, whatever the default: the default as it comes, the
 # other two set explicitly.
 DEFAULT_BN = config.SplitConfig().share_bn
 OTHER_BN = [mode for mode in ("average", "local", "recalibrate") if mode != DEFAULT_BN]
-CASES = [  # model, topology, share, split.share_bn (None: the default); ResNet-50 has every
+CASES = [  # model, topology, share, split.share_bn (None: the default); ResNet-18 has every
     # topology x sharing pair, cnn5 (no BatchNorm) one of each
     ("cnn5", "u_shape", True, None),
     ("cnn5", "label_sharing", False, None),
-    ("resnet50", "u_shape", False, None),
-    ("resnet50", "label_sharing", False, None),
-    ("resnet50", "u_shape", True, None),
-    ("resnet50", "label_sharing", True, OTHER_BN[0]),
-    ("resnet50", "u_shape", True, OTHER_BN[1]),
+    ("resnet18", "u_shape", False, None),
+    ("resnet18", "label_sharing", False, None),
+    ("resnet18", "u_shape", True, None),
+    ("resnet18", "label_sharing", True, OTHER_BN[0]),
+    ("resnet18", "u_shape", True, OTHER_BN[1]),
 ]
 SERIES = ("train_loss", "train_accuracy", "train_samples", "test_loss", "test_accuracy",
           "test_samples", "batches_served", "share_buffer_bytes")

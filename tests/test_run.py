@@ -123,15 +123,21 @@ def test_same_seed_same_numbers(tmp_path):
     assert not np.array_equal(a.clients[1]["train_loss"], c.clients[1]["train_loss"])
 
 
-@pytest.mark.parametrize("name, writer", [("mnist", "write_mnist"), ("cifar10", "write_cifar10")])
-def test_real_formats_end_to_end(tmp_path, name, writer):
+@pytest.mark.parametrize("name, arch, cut", [
+    ("fashionmnist", "resnet18", "layer2"), ("svhn", "mobilenet_v3_small", "features.3"),
+    ("cifar10", "densenet121", "features.transition1")])
+def test_real_formats_and_networks_end_to_end(tmp_path, name, arch, cut):
+    """torchvision's networks at a cut of their own on data sets in their real files."""
     import datasets
-    getattr(datasets, writer)(tmp_path / "data")
-    mpirun.ok(4, f"data.name={name}", "data.root=data", "train.epochs=1",
-              "train.batch_size=10", "output=out.h5", cwd=tmp_path)
+    getattr(datasets, f"write_{name}")(tmp_path / "data")
+    mpirun.ok(4, f"data.name={name}", "data.root=data", f"model.arch={arch}",
+              f"model.cut={cut}", "train.epochs=1", "train.batch_size=10", "output=out.h5",
+              cwd=tmp_path)
     run = reader.read(tmp_path / "out.h5")
     assert run.finished and run.classes[1] == [0, 1, 2, 3]
-    assert run.clients[1]["test_samples"][0] > 0
+    for k in (1, 2, 3):
+        assert run.clients[k]["test_samples"][0] > 0
+        assert np.isfinite(run.clients[k]["train_loss"]).all()
 
 
 def test_wire_dtype_halves_the_bytes(tmp_path):

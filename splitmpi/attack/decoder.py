@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import models
 from ..config import Config
+from ..errors import ConfigError
 from ..logs import Pace, Progress
 from . import metrics
 from .target import Target, observe
@@ -40,19 +42,21 @@ class FitTo(nn.Module):
 
 
 def stage_shapes(extractor: nn.Module, shape: tuple[int, int, int]) -> list[tuple[int, int, int]]:
-    """(C, H, W) of the input and after each top-level stage that changes the shape."""
-    shapes = [tuple(shape)]
-    x = torch.zeros(1, *shape, device=next(iter(extractor.parameters()),
-                                           torch.zeros(0)).device)
-    was = extractor.training
-    extractor.eval()
-    with torch.no_grad():
-        for stage in extractor.children():
-            x = stage(x)
-            if tuple(x.shape[1:]) != shapes[-1]:
-                shapes.append(tuple(x.shape[1:]))
-    extractor.train(was)
-    return shapes
+    """(C, H, W) of the input and after each step of the extractor that changes it: the
+    stages the decoder mirrors. Image-shaped activations only: the decoder is
+    convolutional."""
+    steps = list(models.shapes(extractor, shape).values()) or [tuple(shape)]
+    if len(steps[-1]) != 3:
+        raise ConfigError(f"the decoder attack needs an image-shaped activation (C, H, W); "
+                          f"this cut sends {'x'.join(map(str, steps[-1]))} per sample",
+                          "attack a cut before the network flattens its activation (python "
+                          "-m splitmpi --list-cuts shows their shapes), or use "
+                          "attack.method=rmle")
+    stages = [tuple(shape)]
+    for step in steps:
+        if len(step) == 3 and step != stages[-1]:
+            stages.append(step)
+    return stages
 
 
 def _conv_bn_relu(conv: nn.Module, width: int) -> list[nn.Module]:

@@ -46,7 +46,7 @@ def run(world: MPI.Comm, args) -> dict:
     image_size = args.image_size or 32
     cases = []
     for arch in archs:
-        cuts = config.CUTS[arch]
+        cuts = models.PAPER_CUTS[arch]
         if args.smoke:
             cuts = cuts[1:2]
         cases += [(arch, cut) for cut in cuts]
