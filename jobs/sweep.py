@@ -49,6 +49,7 @@ from pathlib import Path
 from splitmpi import config as splitconfig
 from splitmpi import logs, reader
 from splitmpi.errors import ConfigError
+from splitmpi.models import PAPER_CUTS
 
 log = logging.getLogger("splitmpi.jobs.sweep")
 
@@ -72,12 +73,12 @@ def table1() -> list[Cell]:
                  [f"model.cut={cut}"])
             for data in ("mnist", "cifar10", "imagenet")
             for share in ("sharing", "nonsharing")
-            for cut in ("layer1", "layer2", "layer3")]
+            for cut in PAPER_CUTS["resnet50"]]
 
 
 def tableI() -> list[Cell]:
     return [Cell(f"cut{cut}", str(CONFIGS / "tableI_cifar10_cnn5.yaml"), [f"model.cut={cut}"])
-            for cut in range(5)]
+            for cut in PAPER_CUTS["cnn5"]]
 
 
 TABLES = {"table1": table1, "tableI": tableI}

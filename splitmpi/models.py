@@ -65,8 +65,9 @@ def build(cfg: ModelConfig, channels: int, image_size: int, num_classes: int,
     """The network ``cfg`` names, from ``seed`` (and ``cfg.weights``), cut at ``cfg.cut``."""
     torch.manual_seed(seed)
     made = network(cfg, channels, image_size, num_classes)
+    checkpoint = bool(cfg.weights) and Path(cfg.weights).is_dir()
     if isinstance(made, SplitModel):
-        if cfg.weights and not Path(cfg.weights).is_dir():
+        if cfg.weights and not checkpoint:
             raise ConfigError(f"model.weights={cfg.weights}: {cfg.arch} returns its three "
                               "parts, which load weights from a splitmpi checkpoint folder "
                               "only", "name an epoch-NNNNN folder, or return one module "
@@ -75,10 +76,10 @@ def build(cfg: ModelConfig, channels: int, image_size: int, num_classes: int,
     else:
         net, cut = made
         check_image_size(net, cfg.arch, channels, image_size)
-        if cfg.weights and not Path(cfg.weights).is_dir():
+        if cfg.weights and not checkpoint:
             load_weights(net, cfg)
         parts = split(net, cut, cfg.arch)
-    if cfg.weights and Path(cfg.weights).is_dir():
+    if checkpoint:
         load_checkpoint_parts(parts, Path(cfg.weights))
     return parts
 

@@ -242,6 +242,10 @@ class SlurmCluster:
         # job left in /dev/shm would be reused by the next cluster's job 1, which then
         # hangs or fails in MPI_Init ("Message truncated"). Real clusters never reuse ids.
         self.first_job_id = 1000 + int(time.time()) % 60_000_000
+        # MinJobAge=16: `sbatch --wait` polls after 2 s, then every 4x longer while that
+        # stays below MinJobAge/2 (at most 32 s): 16 keeps it at 8 s, where the default
+        # 300 made a 12 s job wait until its poll at 42 s. Finished jobs stay visible to
+        # scontrol for 16 s, longer than a poll.
         self.ctld_port, self.slurmd_port = free_port(), free_port()
         while self.slurmd_port == self.ctld_port:
             self.slurmd_port = free_port()
@@ -279,7 +283,7 @@ JobCompType=jobcomp/none
 MailProg=/bin/true
 InactiveLimit=0
 KillWait=5
-MinJobAge=300
+MinJobAge=16
 NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} Gres=gpu:{self.gpus} State=UNKNOWN
 PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 """

@@ -46,7 +46,7 @@ CASES = [  # world size, overrides
          "model.cut=0"]),
     (2, ["split.topology=label_sharing", "split.share=false", "model.arch=cnn5",
          "model.cut=4"]),
-    (4, ["split.topology=u_shape", "split.share=true", "model.arch=resnet50",
+    (4, ["split.topology=u_shape", "split.share=true", "model.arch=resnet18",
          "model.cut=layer1"]),
     (2, ["split.topology=label_sharing", "split.share=false", "model.arch=resnet50",
          "model.cut=layer3"]),
@@ -57,7 +57,7 @@ CASES = [  # world size, overrides
     o.split("=")[1] for o in ov) for n, ov in CASES])
 def test_topologies_models_and_sharing(tmp_path, n, overrides):
     extra = ["data.train_size=120", "data.test_size=60", "train.batch_size=20"] \
-        if "model.arch=resnet50" in overrides else []
+        if "model.arch=cnn5" not in overrides else []
     mpirun.ok(n, *mpirun.TINY, *extra, *overrides, "output=out.h5", cwd=tmp_path)
     check_file(tmp_path / "out.h5", n, 2, overrides)
 

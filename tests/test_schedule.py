@@ -43,7 +43,7 @@ def test_fifo_serves_a_delayed_client_less_often_but_never_starves_it(tmp_path):
 
 
 @pytest.mark.parametrize("n, schedule", [(n, s) for n in (2, 3) for s in SCHEDULES]
-                         + [(8, "fifo"), (8, "sequential")])
+                         + [(8, "fifo")])
 def test_no_deadlock(tmp_path, n, schedule):
     """1, 2 and 7 clients (round robin at 7 is the 3-client case with more turns)."""
     mpirun.ok(n, "data.train_size=140", "data.test_size=70", "data.image_size=16",

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from .plotting import pyplot, save, show, slug
-from .render import Table
+from .render import Table, natural
 
 DEFENSES = ("noise_sigma", "nopeek_alpha", "dropout")
-_CUT_ORDER = {"layer1": 1, "layer2": 2, "layer3": 3}
 
 
 def _text(v) -> str:
@@ -55,10 +54,6 @@ def attack_records(runs) -> list[dict]:
     return records
 
 
-def _cut_key(cut) -> tuple:
-    return (_CUT_ORDER.get(cut, cut) if isinstance(cut, str) else cut, str(cut))
-
-
 def _fmt(v: float, digits: int = 2) -> float:
     return round(v, digits) if isinstance(v, float) and math.isfinite(v) else v
 
@@ -70,7 +65,7 @@ def attack_tables(runs) -> list[Table]:
     records = attack_records(runs)
     if not records:
         return []
-    order = sorted(records, key=lambda r: (r["arch"], _cut_key(r["cut"]), r["method"],
+    order = sorted(records, key=lambda r: (r["arch"], natural(r["cut"]), r["method"],
                                            r["defense"] != "none", r["defense"],
                                            r["strength"]))
     by_cut = [{"arch": r["arch"], "cut": r["cut"], "method": r["method"],
@@ -115,7 +110,7 @@ def plot_attack(runs, outdir) -> list[Path]:
         mine = [r for r in records if r["arch"] == arch]
         for method in sorted({r["method"] for r in mine}):
             rows = sorted((r for r in mine if r["method"] == method),
-                          key=lambda r: _cut_key(r["cut"]))
+                          key=lambda r: natural(r["cut"]))
             rows = [r for r in rows if "reconstructions" in r["group"]]
             if not rows:
                 continue
@@ -135,7 +130,7 @@ def plot_attack(runs, outdir) -> list[Path]:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3))
         for method in sorted({r["method"] for r in mine}):
             rows = sorted((r for r in mine if r["method"] == method),
-                          key=lambda r: _cut_key(r["cut"]))
+                          key=lambda r: natural(r["cut"]))
             labels = [str(r["cut"]) for r in rows]
             a1.errorbar(labels, [r["psnr_mean"] for r in rows],
                         yerr=[r["psnr_std"] for r in rows], marker="o", capsize=3, label=method)

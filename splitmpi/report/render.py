@@ -8,12 +8,22 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from typing import NamedTuple
 
 
 class Table(NamedTuple):
     title: str
     rows: list[dict]
+
+
+def natural(value) -> tuple:
+    """A sort key for mixed values, numbers first, names by their numbered parts: cnn5's
+    cut 2, then layer2 before layer10, features.9 before features.10."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, ())
+    parts = re.split(r"(\d+)", str(value))
+    return (1, 0, tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts))
 
 
 def format_value(value, missing: str = "-") -> str:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..reader import Run
 from .plotting import pyplot, save, slug
-from .render import Table, columns, format_value
+from .render import Table, columns, format_value, natural
 
 # --- what the tables are made of ----------------------------------------------------------
 
@@ -44,8 +44,8 @@ def _classes(classes: list[int]) -> str:
 
 
 def _order(key: tuple) -> tuple:
-    """Sort mixed keys (cnn5 cuts are ints, resnet50 cuts are names) numbers first."""
-    return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in key)
+    """Sort mixed keys (cnn5 cuts are ints, other cuts module names) numbers first."""
+    return tuple(natural(v) for v in key)
 
 
 def bytes_per_epoch(run: Run) -> float:
