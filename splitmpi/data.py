@@ -97,6 +97,18 @@ def _cifar_files(name: str) -> type:
     return CIFARFiles
 
 
+class _TrainOrTest:
+    """For torchvision readers that take ``split=`` and keep labels in ``.labels``:
+    ``train=`` and ``.targets``, as the other readers have them."""
+
+    def __init__(self, root, train: bool, **kwargs):
+        super().__init__(root, split="train" if train else "test", **kwargs)
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.labels
+
+
 @functools.cache
 def _svhn_files() -> type:
     """torchvision's SVHN reader checking that its file exists rather than its md5 sum,
@@ -104,16 +116,9 @@ def _svhn_files() -> type:
     the digit 0) as ``.targets``."""
     datasets, _ = _torchvision()
 
-    class SVHNFiles(datasets.SVHN):
+    class SVHNFiles(_TrainOrTest, datasets.SVHN):
         split_list = {split: [url, file, None]
                       for split, (url, file, _) in datasets.SVHN.split_list.items()}
-
-        def __init__(self, root, train: bool, **kwargs):
-            super().__init__(root, split="train" if train else "test", **kwargs)
-
-        @property
-        def targets(self) -> np.ndarray:
-            return self.labels
 
     return SVHNFiles
 
@@ -125,16 +130,9 @@ def _stl10_files() -> type:
     rather than md5 sums, taking ``train=`` and giving ``.targets`` (0..9)."""
     datasets, _ = _torchvision()
 
-    class STL10Files(datasets.STL10):
+    class STL10Files(_TrainOrTest, datasets.STL10):
         train_list = [[file, None] for file, _ in datasets.STL10.train_list[:2]]
         test_list = [[file, None] for file, _ in datasets.STL10.test_list]
-
-        def __init__(self, root, train: bool, **kwargs):
-            super().__init__(root, split="train" if train else "test", **kwargs)
-
-        @property
-        def targets(self) -> np.ndarray:
-            return self.labels
 
     return STL10Files
 
