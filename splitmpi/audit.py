@@ -64,7 +64,7 @@ class ClientAudit:
         for as_sent in {self.transport.payload(x, Kind.ACTIVATION).tobytes(),
                         self.transport.payload(x, Kind.LABELS).tobytes()}:
             self.inputs.add(digest(np.frombuffer(as_sent, np.uint8)))
-        for row in x:  # a single sample sent alone is caught too
+        for row in x.split(1):  # a single sample sent alone is caught too
             self.inputs.add(digest(self.transport.payload(row, Kind.ACTIVATION)))
         self.labels.add(digest(self.transport.payload(y.detach().cpu(), Kind.LABELS)))
 

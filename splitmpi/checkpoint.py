@@ -41,7 +41,7 @@ VOLATILE = {"train": {"epochs", "resume", "checkpoint_every", "checkpoint_dir", 
 # existed did (None: irrelevant to such a run, so whatever the resuming run says).
 ADDED = {"split": {"share_bn": "average", "bn_recalibrate_batches": None,
                    "share_optimizer": "keep", "share_weights": "equal"},
-         "data": {"emnist_split": None}}
+         "data": {"emnist_split": None}, "comm": {"compress": "none", "compress_grad": False}}
 
 
 def directory(cfg: Config) -> Path:

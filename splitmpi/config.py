@@ -192,6 +192,17 @@ class CommConfig:
     wait: Literal["auto", "spin", "sleep"] = "auto"
     """How a rank waits for messages: spin (MPI's busy-polling calls) or sleep (poll and
     sleep); auto: sleep where the node has more ranks than cores, else spin."""
+    compress: str = "none"
+    """The cut layer's batches on the wire, per sample (``compress.Codec``): none; topk:F
+    keeps the fraction F of entries of largest magnitude; int8 or fp8 (e4m3), one scale
+    per sample. Replaces wire_dtype for what it codes."""
+    compress_grad: bool = False
+    """Code the gradients too (feature and activation gradients), not only activations
+    and features."""
+
+    def validate(self) -> None:
+        from .compress import Codec  # torch: imported when a config is checked, not loaded
+        Codec.parse(self.compress)
 
 
 @dataclass
@@ -464,8 +475,8 @@ def from_json(text: str) -> Config:
 def validate(cfg: Config) -> None:
     """Checks that need no data and no MPI: each section's own, then those that span
     sections; world-size checks live in ``check_world``, file checks in the commands."""
-    for section in (cfg.data, cfg.model, cfg.split, cfg.train, cfg.clients, cfg.defense,
-                    cfg.attack):
+    for section in (cfg.data, cfg.model, cfg.split, cfg.train, cfg.comm, cfg.clients,
+                    cfg.defense, cfg.attack):
         section.validate()
     if ((cfg.model.arch == "cnn5" and cfg.model.cut == 0) or cfg.model.cut == "") and \
             cfg.split.topology == "u_shape":

@@ -162,7 +162,8 @@ def make_context(cfg: Config, world: MPI.Comm, clients: int) -> Context:
     threads = pick_threads(cfg.train.threads, ranks_on_node, cores)
     torch.set_num_threads(threads)
     wait = pick_wait(cfg.comm.wait, ranks_on_node, cores)
-    transport = Transport(world, cfg.comm.wire_dtype, cfg.comm.gpu_aware, wait)
+    transport = Transport(world, cfg.comm.wire_dtype, cfg.comm.gpu_aware, wait,
+                          cfg.comm.compress, cfg.comm.compress_grad)
     device = pick_device(cfg.train.device, local_rank)
     role = "server" if rank == SERVER else f"client {rank}"
     log.info(f"{role} on {device}, {threads} torch threads, waits by {wait} "

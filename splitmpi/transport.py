@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from .compress import Codec
+
 
 class Kind(enum.IntEnum):
     """Message kinds; each value is also the MPI tag its messages use."""
@@ -37,6 +39,7 @@ class Flag(enum.IntFlag):
     """Bits of a message's header."""
 
     STOP = 1  # the sender is stopping at this step (a signal): see client.py and server.py
+    CODED = 2  # the payload is the tensor coded by comm.compress (``compress.Codec``)
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
@@ -122,18 +125,24 @@ class Transport:
 
     ``wire_dtype`` applies to floating-point tensors of the activation and gradient kinds:
     they are cast before sending and cast back to float32 on receipt, halving the bytes
-    for bf16/fp16. CUDA tensors are staged through reusable pinned host buffers unless
-    ``gpu_aware`` hands device memory to MPI directly (``_stages``). ``wait`` is the
+    for bf16/fp16. ``compress`` (``compress.Codec``, or none) codes the batches of the
+    forward kinds instead, and of the gradient kinds too with ``compress_grad``; they come
+    back decoded, in float32. CUDA tensors are staged through reusable pinned host buffers
+    unless ``gpu_aware`` hands device memory to MPI directly (``_stages``). ``wait`` is the
     ``Waiter`` mode.
     """
 
-    WIRE_KINDS = (Kind.ACTIVATION, Kind.EVAL_ACTIVATION, Kind.FEATURES, Kind.FEATURE_GRAD,
-                  Kind.ACTIVATION_GRAD)
+    FORWARD_KINDS = (Kind.ACTIVATION, Kind.EVAL_ACTIVATION, Kind.FEATURES)
+    GRADIENT_KINDS = (Kind.FEATURE_GRAD, Kind.ACTIVATION_GRAD)
+    WIRE_KINDS = FORWARD_KINDS + GRADIENT_KINDS
 
     def __init__(self, comm: MPI.Comm, wire_dtype: str = "float32", gpu_aware: bool = False,
-                 wait: str = "spin"):
+                 wait: str = "spin", compress: str = "none", compress_grad: bool = False):
         self.comm = comm
         self.wire = WIRE_DTYPES[wire_dtype]
+        self.codec = Codec.parse(compress)
+        self.coded = (() if self.codec is None else
+                      self.FORWARD_KINDS + (self.GRADIENT_KINDS if compress_grad else ()))
         self.gpu_aware = gpu_aware
         self.waiter = Waiter(wait)
         self.bytes_sent = Counter()
@@ -150,15 +159,19 @@ class Transport:
         self.sent_ns = 0  # the sender's time.monotonic_ns() when it sent that message
 
     # -- buffers -----------------------------------------------------------------------
-    def _wire(self, t: torch.Tensor, kind: Kind) -> tuple[torch.Tensor, int]:
-        """The tensor as it crosses the wire, and the power of two it was scaled by."""
+    def _wire(self, t: torch.Tensor, kind: Kind) -> tuple[torch.Tensor, int, Flag]:
+        """The tensor as it crosses the wire, the power of two it was scaled by, and
+        whether it is coded (a batch of one sample or more, of a coded kind; the empty
+        batches that end a phase are not)."""
         t = t.detach()
         scale = 0
+        if kind in self.coded and t.is_floating_point() and t.dim() >= 2 and t.numel():
+            return self.codec.encode(t), 0, Flag.CODED
         if kind in self.WIRE_KINDS and t.is_floating_point() and t.dtype != self.wire:
             if self.wire == torch.float16:
                 t, scale = _scaled_for_float16(t)
             t = t.to(self.wire)
-        return t.contiguous(), scale
+        return t.contiguous(), scale, Flag(0)
 
     def _stages(self, t: torch.Tensor) -> bool:
         """Whether ``t`` must be sent from a host copy: MPI that is not GPU-aware cannot
@@ -220,30 +233,34 @@ class Transport:
             return [t.reshape(-1).view(torch.uint8), MPI.BYTE]
         return _cpu_buffer(t)
 
-    def _header(self, kind: Kind, t: torch.Tensor, scale: int) -> np.ndarray:
-        if t.dim() > MAX_DIMS:
+    def _header(self, kind: Kind, shape: tuple, dtype: torch.dtype, scale: int,
+                flags: Flag) -> np.ndarray:
+        if len(shape) > MAX_DIMS:
             raise ValueError(f"tensors of more than {MAX_DIMS} dimensions cannot be sent")
         h = np.zeros(HEADER_LEN, dtype=HEADER)
-        flags = Flag.STOP if self.stopping else 0
-        h[:len(FIELDS)] = (int(kind), DTYPE_CODE[t.dtype], t.dim(), flags, scale,
+        flags |= Flag.STOP if self.stopping else 0
+        h[:len(FIELDS)] = (int(kind), DTYPE_CODE[dtype], len(shape), flags, scale,
                            time.monotonic_ns())
-        h[len(FIELDS):len(FIELDS) + t.dim()] = t.shape
+        h[len(FIELDS):len(FIELDS) + len(shape)] = shape
         return h
 
     def payload(self, t: torch.Tensor, kind: Kind) -> np.ndarray:
-        """The bytes a CPU tensor would cross the wire as (after the wire-dtype cast)."""
+        """The bytes a CPU tensor would cross the wire as (cast or coded)."""
         return _bytes_view(self._wire(t, kind)[0])
 
     # -- sending -----------------------------------------------------------------------
     def isend(self, t: torch.Tensor, dest: int, kind: Kind) -> list:
         """Start sending; returns requests that own their buffers (keep them until Waitall)."""
-        t, scale = self._wire(t, kind)
+        wire, scale, flags = self._wire(t, kind)
+        # a coded tensor's header tells the tensor it decodes to
+        header = self._header(kind, *((tuple(t.shape), torch.float32) if flags & Flag.CODED
+                                      else (tuple(wire.shape), wire.dtype)), scale, flags)
+        t = wire
         staged = None
         if self._stages(t):
             staged = self._send_staging(dest, kind, tuple(t.shape), t.dtype)
             staged.buffer.copy_(t)  # synchronous: the staging buffer is ready when this returns
             t = staged.buffer
-        header = self._header(kind, t, scale)
         payload = self._buffer(t)
         reqs = [self.comm.Isend(header, dest, int(kind)),
                 self.comm.Isend(payload, dest, int(kind))]
@@ -278,6 +295,9 @@ class Transport:
                                f"got kind {got}")
         shape = tuple(dims[:ndim])
         wire_dtype = DTYPES[code]
+        coded = bool(flags & Flag.CODED)
+        if coded:  # the payload: the codec's bytes for a float32 tensor of ``shape``
+            shape, wire_dtype, decoded = (self.codec.nbytes(shape),), torch.uint8, shape
         device = torch.device(device)
         if device.type == "cuda" and self.gpu_aware:
             out = torch.empty(shape, dtype=wire_dtype, device=device)
@@ -293,6 +313,8 @@ class Transport:
             out = host if device.type == "cpu" else host.to(device)
         self.bytes_received[kind] += header.nbytes + out.nbytes
         self.messages_received[kind] += 2
+        if coded:
+            return self.codec.decode(out, decoded).to(dtype or torch.float32)
         if kind in self.WIRE_KINDS and out.is_floating_point():
             if scale:  # float16 on the wire, scaled by 2**scale: exactly undone in float32
                 out = torch.ldexp(out.float(), torch.tensor(-scale, dtype=torch.int32,

@@ -140,20 +140,24 @@ def test_real_formats_and_networks_end_to_end(tmp_path, name, arch, cut):
         assert np.isfinite(run.clients[k]["train_loss"]).all()
 
 
-def test_wire_dtype_halves_the_bytes(tmp_path):
-    """bfloat16 and float16 (scaled) on the wire: half the bytes, and training learns as
-    on the float32 wire: the clients' mean training accuracy within 3 points of it (one
-    client's differs by up to 6 points: the runs' trajectories part after the first
-    rounding)."""
-    for wire in ("float32", "bfloat16", "float16"):
-        mpirun.ok(4, "train.epochs=3", "split.share=false", f"comm.wire_dtype={wire}",
+WIRES = {"bfloat16": ["comm.wire_dtype=bfloat16"], "float16": ["comm.wire_dtype=float16"],
+         "int8": ["comm.compress=int8", "comm.compress_grad=true"]}
+
+
+def test_16_bit_and_int8_wires_cut_the_bytes(tmp_path):
+    """bfloat16 and float16 (scaled) on the wire: half the bytes; every tensor of the cut
+    coded as int8: a quarter (and a scale per sample). Training learns as on the float32
+    wire: the clients' mean training accuracy within 3 points of it (one client's differs
+    by up to 6 points: the runs' trajectories part after the first rounding)."""
+    for wire, overrides in [("float32", []), *WIRES.items()]:
+        mpirun.ok(4, "train.epochs=3", "split.share=false", *overrides,
                   f"output={wire}.h5", cwd=tmp_path, timeout=300)
     full = reader.read(tmp_path / "float32.h5")
     full_acc = np.mean(list(full.final("train_accuracy").values()))
-    for wire in ("bfloat16", "float16"):
+    for wire, share in (("bfloat16", 0.5), ("float16", 0.5), ("int8", 0.25)):
         half = reader.read(tmp_path / f"{wire}.h5")
         ratio = half.comm["bytes_sent"].sum() / full.comm["bytes_sent"].sum()
-        assert 0.49 < ratio < 0.51, (wire, ratio)  # headers and labels are not halved
+        assert share - 0.01 < ratio < share + 0.01, (wire, ratio)  # headers, labels, scales
         # (Test accuracy at an epoch's end swings with the cloud's last updates, made by
         # client 1's larger shard alone: training accuracy is the measure here.)
         accs = half.final("train_accuracy")
