@@ -48,9 +48,7 @@ CASES = [  # world size, overrides
          "model.cut=4"]),
     (4, ["split.topology=u_shape", "split.share=true", "model.arch=resnet18",
          "model.cut=layer1"]),
-    (2, ["split.topology=label_sharing", "split.share=false", "model.arch=resnet50",
-         "model.cut=layer3"]),
-]
+]  # label_sharing on a BatchNorm network: tests/test_equivalence.py
 
 
 @pytest.mark.parametrize("n, overrides", CASES, ids=[f"n{n}-" + "-".join(
@@ -140,21 +138,22 @@ def test_real_formats_and_networks_end_to_end(tmp_path, name, arch, cut):
         assert np.isfinite(run.clients[k]["train_loss"]).all()
 
 
-WIRES = {"bfloat16": ["comm.wire_dtype=bfloat16"], "float16": ["comm.wire_dtype=float16"],
+WIRES = {"bfloat16": ["comm.wire_dtype=bfloat16"],
          "int8": ["comm.compress=int8", "comm.compress_grad=true"]}
 
 
 def test_16_bit_and_int8_wires_cut_the_bytes(tmp_path):
-    """bfloat16 and float16 (scaled) on the wire: half the bytes; every tensor of the cut
-    coded as int8: a quarter (and a scale per sample). Training learns as on the float32
-    wire: the clients' mean training accuracy within 3 points of it (one client's differs
-    by up to 6 points: the runs' trajectories part after the first rounding)."""
+    """bfloat16 on the wire: half the bytes; every tensor of the cut coded as int8: a
+    quarter (and a scale per sample). Training learns as on the float32 wire: the clients'
+    mean training accuracy within 3 points of it (one client's differs by up to 6 points:
+    the runs' trajectories part after the first rounding). float16 crosses as exactly its
+    scaled rounding (tests/test_step.py), in the bytes of bfloat16."""
     for wire, overrides in [("float32", []), *WIRES.items()]:
         mpirun.ok(4, "train.epochs=3", "split.share=false", *overrides,
                   f"output={wire}.h5", cwd=tmp_path, timeout=300)
     full = reader.read(tmp_path / "float32.h5")
     full_acc = np.mean(list(full.final("train_accuracy").values()))
-    for wire, share in (("bfloat16", 0.5), ("float16", 0.5), ("int8", 0.25)):
+    for wire, share in (("bfloat16", 0.5), ("int8", 0.25)):
         half = reader.read(tmp_path / f"{wire}.h5")
         ratio = half.comm["bytes_sent"].sum() / full.comm["bytes_sent"].sum()
         assert share - 0.01 < ratio < share + 0.01, (wire, ratio)  # headers, labels, scales

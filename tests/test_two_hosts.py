@@ -99,7 +99,9 @@ def test_traffic_between_hosts_goes_over_the_network(probe):
     nic = report["nic"]  # counted by each host's local rank 0 around the swaps alone
     for h in HOSTS:
         for way in ("rx_bytes", "tx_bytes"):
-            assert payload <= nic[h][way] < payload * 1.05 + (64 << 10), (h, way, nic)
+            # TCP/IP headers and acks add ~5 %, retransmissions on a loaded machine more
+            # (9.06 MB for 8.39 MB once); shared-memory traffic going out would add 32 MiB
+            assert payload <= nic[h][way] < payload * 1.25, (h, way, nic)
     for h in HOSTS:  # counted from outside too, over the whole job up to its report
         grew = {k: probe["after"][h][k] - probe["before"][h][k] for k in ("rx_bytes",
                                                                          "tx_bytes")}
