@@ -40,7 +40,7 @@ VOLATILE = {"train": {"epochs", "resume", "checkpoint_every", "checkpoint_dir", 
 # Keys added after 0.1, with the value that does what a checkpoint saved before they
 # existed did (None: irrelevant to such a run, so whatever the resuming run says).
 ADDED = {"split": {"share_bn": "average", "bn_recalibrate_batches": None,
-                   "share_optimizer": "keep", "share_weights": "equal"},
+                   "share_optimizer": "keep", "share_weights": "equal", "mode": "sl"},
          "data": {"emnist_split": None}, "comm": {"compress": "none", "compress_grad": False}}
 
 

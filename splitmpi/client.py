@@ -124,12 +124,16 @@ def run(ctx: Context, client: Client, start: int = 0) -> bool:
 def share(ctx: Context, client: Client, epoch: int) -> int:
     """Average the extractors over the clients (``split.share_bn`` says what happens to
     BatchNorm, ``split.share_optimizer`` to the momentum, ``split.share_weights`` how the
-    clients weigh: by the size of their training shard under ``samples``); returns the
-    bytes reduced."""
+    clients weigh: by the size of their training shard under ``samples``), and under
+    SplitFed (``split.mode``) the u_shape classifiers too: FedAvg of every client-side
+    model; returns the bytes reduced."""
     split = ctx.cfg.split
     samples = len(client.train_loader.dataset) if split.share_weights == "samples" else None
     reduced = sharing.average_extractor(client.extractor, ctx.clients_comm, split.share_bn,
                                         client.optimizer, split.share_optimizer, samples)
+    if split.mode != "sl" and client.classifier is not None:
+        reduced += sharing.average_extractor(client.classifier, ctx.clients_comm, "average",
+                                             client.optimizer, split.share_optimizer, samples)
     if split.share_bn == "recalibrate":
         sample = data.sample_loader(client.train_loader, ctx.cfg.train.seed, ctx.rank, epoch)
         with ctx.autocast():

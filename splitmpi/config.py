@@ -123,6 +123,12 @@ class ModelConfig:
 
 @dataclass
 class SplitConfig:
+    mode: Literal["sl", "sfl_v1", "sfl_v2"] = "sl"
+    """sl: split learning, one server update per request on one cloud model; sfl_v1
+    (SplitFed v1): a cloud copy per client, averaged by samples after every epoch; sfl_v2
+    (SplitFed v2): one cloud model, the clients one after another in a random order per
+    epoch. Both SplitFed modes average the client-side models after every epoch: the
+    extractors and, in u_shape, the classifiers (docs/architecture.md#modes)."""
     topology: Literal["u_shape", "label_sharing"] = "u_shape"
     """u_shape keeps inputs and labels on the clients; label_sharing sends the labels
     with the activations and puts the output layer on the server."""
@@ -484,6 +490,19 @@ def validate(cfg: Config) -> None:
                           "u_shape would send raw inputs to the server",
                           "use split.topology=label_sharing for the all-at-server baseline, "
                           "or a cut that leaves layers on the clients")
+    mode = cfg.split.mode
+    if mode != "sl" and not cfg.split.share:
+        raise ConfigError(f"split.mode={mode} averages the clients' extractors after every "
+                          "epoch, but split.share=false", "set split.share=true, or use "
+                          "split.mode=sl for split learning without sharing")
+    if mode == "sfl_v1" and cfg.split.share_weights != "samples":
+        raise ConfigError("split.mode=sfl_v1 weighs clients by their samples (FedAvg), but "
+                          f"split.share_weights={cfg.split.share_weights}",
+                          "set split.share_weights=samples")
+    if mode == "sfl_v2" and cfg.server.schedule != "sequential":
+        raise ConfigError("split.mode=sfl_v2 serves the clients one after another, but "
+                          f"server.schedule={cfg.server.schedule}",
+                          "set server.schedule=sequential (sfl_v2 draws its order per epoch)")
     if not cfg.output:
         raise ConfigError("output is empty", "set output=PATH.h5")
 

@@ -1,6 +1,8 @@
 """The order in which the server serves clients' requests (``server.schedule``)."""
 from __future__ import annotations
 
+import torch
+
 from .transport import Kind, Transport
 
 
@@ -12,6 +14,9 @@ class Schedule:
 
     def next(self, active: list[int], kind: Kind) -> int:
         raise NotImplementedError
+
+    def begin(self, epoch: int) -> None:
+        """An epoch starts (0-based)."""
 
     def state_dict(self) -> dict:
         """What a checkpoint must keep so a resumed run serves in the same order."""
@@ -26,6 +31,22 @@ class Sequential(Schedule):
 
     def next(self, active: list[int], kind: Kind) -> int:
         return active[0]
+
+
+class Shuffled(Schedule):
+    """SplitFed v2: one client after another, in an order drawn from (seed, epoch) for each
+    epoch, so a resumed epoch repeats it and nothing needs saving."""
+
+    def __init__(self, transport: Transport, seed: int):
+        super().__init__(transport)
+        self.seed, self.order = seed, []
+
+    def begin(self, epoch: int) -> None:
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        self.order = (torch.randperm(self.transport.comm.Get_size() - 1, generator=g) + 1).tolist()
+
+    def next(self, active: list[int], kind: Kind) -> int:
+        return next(k for k in self.order if k in active)
 
 
 class RoundRobin(Schedule):
@@ -57,5 +78,6 @@ class Fifo(Schedule):
 POLICIES = {"sequential": Sequential, "round_robin": RoundRobin, "fifo": Fifo}
 
 
-def make(name: str, transport: Transport) -> Schedule:
-    return POLICIES[name](transport)
+def make(name: str, transport: Transport, mode: str = "sl", seed: int = 0) -> Schedule:
+    """``server.schedule``'s policy; SplitFed v2 (``split.mode``) draws its own order."""
+    return Shuffled(transport, seed) if mode == "sfl_v2" else POLICIES[name](transport)

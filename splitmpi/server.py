@@ -21,6 +21,7 @@ sends once at the start of ``run``: the server has no data of its own to count.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections import defaultdict
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import checkpoint, models, results, schedule
+from . import checkpoint, models, results, schedule, sharing
 from .audit import ServerAudit
 from .logs import Pace, Progress
 from .runtime import SERVER, Context, clock_offsets
@@ -43,8 +44,18 @@ SERVE_SERIES = ("batches_served", "queue_wait_seconds", "server_idle_seconds",
 
 
 @dataclass
-class Server:
+class Trainable:
+    """What a training request updates: a cloud model, its output layer (label_sharing
+    only) and their SGD."""
+
     cloud: nn.Module
+    head: nn.Module | None
+    optimizer: torch.optim.Optimizer
+
+
+@dataclass
+class Server:
+    cloud: nn.Module  # the model the clients are evaluated through
     head: nn.Module | None  # the output layer, label_sharing only
     optimizer: torch.optim.Optimizer
     schedule: schedule.Schedule
@@ -53,6 +64,11 @@ class Server:
     replies: dict = field(default_factory=dict)  # eval features in flight, per client
     position: dict | None = None  # a mid-epoch checkpoint's place in its epoch, until resumed
     clock_offsets: dict = field(default_factory=dict)  # ns to add to client k's clock
+    copies: dict[int, Trainable] = field(default_factory=dict)  # sfl_v1: client k's own
+
+    def trainable(self, k: int) -> Trainable:
+        """What client k's training requests update: its copy (sfl_v1) or the one model."""
+        return self.copies.get(k) or Trainable(self.cloud, self.head, self.optimizer)
 
 
 def prepare(ctx: Context, resume_epochs: int | None) -> Server:
@@ -66,23 +82,41 @@ def prepare(ctx: Context, resume_epochs: int | None) -> Server:
     audit = ServerAudit() if cfg.audit else None
     if audit:
         ctx.transport.on_receive = audit.record
-    return Server(cloud, head, optimizer, schedule.make(cfg.server.schedule, ctx.transport),
-                  models.has_parameters(parts.extractor), audit)
+    server = Server(cloud, head, optimizer,
+                    schedule.make(cfg.server.schedule, ctx.transport, cfg.split.mode,
+                                  cfg.train.seed),
+                    models.has_parameters(parts.extractor), audit)
+    if cfg.split.mode == "sfl_v1":  # every client's copy starts as the one model
+        for k in range(1, ctx.client_count + 1):
+            own = copy.deepcopy((cloud, head))
+            server.copies[k] = Trainable(*own, models.sgd(list(own), cfg.train))
+    return server
+
+
+def _trainable_state(m: Trainable) -> dict:
+    return {"cloud": m.cloud.state_dict(),
+            "head": m.head.state_dict() if m.head is not None else {},
+            "optimizer": m.optimizer.state_dict()}
+
+
+def _restore_trainable(m: Trainable, saved: dict) -> None:
+    models.load_part(m.cloud, saved["cloud"])
+    if m.head is not None:
+        models.load_part(m.head, saved["head"])
+    m.optimizer.load_state_dict(saved["optimizer"])
 
 
 def state(server: Server) -> dict:
-    return {"cloud": server.cloud.state_dict(),
-            "head": server.head.state_dict() if server.head is not None else {},
-            "optimizer": server.optimizer.state_dict(), "schedule": server.schedule.state_dict(),
+    return {**_trainable_state(server.trainable(0)), "schedule": server.schedule.state_dict(),
+            "copies": {k: _trainable_state(m) for k, m in server.copies.items()},
             "rng": checkpoint.rng_state(), "position": server.position or {},
             "audit": server.audit.state_dict() if server.audit and server.position else {}}
 
 
 def restore(server: Server, saved: dict) -> None:
-    models.load_part(server.cloud, saved["cloud"])
-    if server.head is not None:
-        models.load_part(server.head, saved["head"])
-    server.optimizer.load_state_dict(saved["optimizer"])
+    _restore_trainable(server.trainable(0), saved)
+    for k, m in server.copies.items():
+        _restore_trainable(m, saved["copies"][k])
     server.schedule.load_state_dict(saved["schedule"])
     checkpoint.set_rng_state(saved["rng"])
     server.position = saved.get("position") or None
@@ -106,6 +140,7 @@ def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int 
         left = {f"client {k}": n - place["served"].get(k, 0) for k, n in enumerate(shards, 1)}
         progress = Progress(log, title, sum(left.values()), "samples", Pace.of(cfg.train),
                             totals=left, after=rest, repeats=cfg.train.epochs - epoch - 1)
+        server.schedule.begin(epoch)
         served, stopped = serve_phase(ctx, server, Kind.ACTIVATION, train_step, progress,
                                       place["stats"])
         for k in range(1, ctx.client_count + 1):
@@ -125,6 +160,8 @@ def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int 
                      "train.resume=auto to go on from there")
             return True
         ctx.transport.stopping = False
+        if server.copies:  # sfl_v1: the copies' sample-weighted mean, in every copy
+            average_copies(server, shards)
         trained = time.perf_counter()
         serve_phase(ctx, server, Kind.EVAL_ACTIVATION, eval_step)
         for sends in server.replies.values():
@@ -160,6 +197,18 @@ def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int 
             return True
     writer.finish()
     return False
+
+
+def average_copies(server: Server, shards: list[int]) -> None:
+    """SplitFed v1's server step: every client's cloud (and head) becomes the mean of all
+    copies weighted by the clients' training samples (FedAvg); each keeps its momentum. The
+    model the clients are evaluated through is that mean too."""
+    copies = [server.copies[k] for k in sorted(server.copies)]
+    for part in ("cloud", "head"):
+        modules = [getattr(m, part) for m in copies]
+        if modules[0] is not None:
+            sharing.weighted_mean(modules, shards)
+            getattr(server, part).load_state_dict(modules[0].state_dict())
 
 
 def audit_epoch(ctx: Context, audit: ServerAudit, reports: dict[int, dict]) -> None:
@@ -237,22 +286,23 @@ def train_step(ctx: Context, server: Server, k: int, a: torch.Tensor) -> float:
     (u_shape: features out, feature gradient back)."""
     t = ctx.transport
     waited = 0.0
+    m = server.trainable(k)
     a.requires_grad_(server.send_grad)
-    server.cloud.train()
-    server.optimizer.zero_grad(set_to_none=True)
+    m.cloud.train()
+    m.optimizer.zero_grad(set_to_none=True)
     with ctx.autocast():
-        h = server.cloud(a)
-    if server.head is None:  # u_shape: the client's classifier computes the loss
+        h = m.cloud(a)
+    if m.head is None:  # u_shape: the client's classifier computes the loss
         sends = t.isend(h, k, Kind.FEATURES)
         asked = time.perf_counter()
         grad = t.recv(k, Kind.FEATURE_GRAD, ctx.device, h.dtype)
         waited = time.perf_counter() - asked
         h.backward(grad)
     else:  # label_sharing: labels came with the activation
-        server.head.train()
+        m.head.train()
         y = t.recv(k, Kind.LABELS, ctx.device)
         with ctx.autocast():
-            logits = server.head(h)
+            logits = m.head(h)
         loss = nn.functional.cross_entropy(logits.float(), y)
         loss.backward()
         stats = torch.tensor([loss.item() * len(y), float((logits.argmax(1) == y).sum())],
@@ -260,7 +310,7 @@ def train_step(ctx: Context, server: Server, k: int, a: torch.Tensor) -> float:
         sends = t.isend(stats, k, Kind.LOSS)
     if server.send_grad:
         sends += t.isend(a.grad, k, Kind.ACTIVATION_GRAD)
-    server.optimizer.step()
+    m.optimizer.step()
     t.wait(sends)
     return waited
 

@@ -115,6 +115,23 @@ def average_extractor(extractor: nn.Module, clients: MPI.Comm, share_bn: str = "
 
 
 @torch.no_grad()
+def weighted_mean(modules: list[nn.Module], weights: list[float]) -> None:
+    """Every module's floating-point state (parameters, BatchNorm statistics) becomes
+    sum(w_k * x_k) / sum(w_k) over ``modules`` (same architecture), summed in their order;
+    integer state (BatchNorm's step count) the largest. In one process: SplitFed v1's
+    cloud copies on the server."""
+    states = [m.state_dict() for m in modules]
+    total = float(sum(weights))
+    for name, first in states[0].items():
+        if first.is_floating_point():
+            mean = sum(float(w) * s[name].float() for w, s in zip(weights, states)) / total
+        else:
+            mean = torch.stack([s[name] for s in states]).amax(dim=0)
+        for s in states:
+            s[name].copy_(mean.to(first.dtype))
+
+
+@torch.no_grad()
 def recalibrate(extractor: nn.Module, inputs: Iterable[torch.Tensor], batches: int) -> int:
     """Re-estimate the BatchNorm running statistics of ``extractor`` from at most
     ``batches`` input batches: an equal-weight average over the batches (momentum None),

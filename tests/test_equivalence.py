@@ -237,6 +237,7 @@ def states(server: Server, clients: list[Client]) -> dict[int, dict]:
     out = {0: {"cloud": server.cloud.state_dict(),
                "head": server.head.state_dict() if server.head is not None else {},
                "optimizer": server.optimizer.state_dict(), "schedule": {"last": server.last},
+               "copies": {},  # sfl_v1's per-client clouds; split learning has one
                "rng": {"torch": server.rng}, "position": {}, "audit": {}}}
     for c in clients:
         out[c.rank] = {"extractor": c.extractor.state_dict(),
