@@ -149,7 +149,7 @@ def test_16_bit_and_int8_wires_cut_the_bytes(tmp_path):
     the runs' trajectories part after the first rounding). float16 crosses as exactly its
     scaled rounding (tests/test_step.py), in the bytes of bfloat16."""
     for wire, overrides in [("float32", []), *WIRES.items()]:
-        mpirun.ok(4, "train.epochs=3", "split.share=false", *overrides,
+        mpirun.ok(4, "train.epochs=3", "data.image_size=16", "split.share=false", *overrides,
                   f"output={wire}.h5", cwd=tmp_path, timeout=300)
     full = reader.read(tmp_path / "float32.h5")
     full_acc = np.mean(list(full.final("train_accuracy").values()))

@@ -15,8 +15,9 @@ def test_each_schedule_learns(tmp_path, schedule):
     """iid shards: with class blocks a client's end-of-epoch test accuracy swings with
     which clients updated the shared cloud last, and fifo makes that order random.
     (sequential: tests/test_modes.py, as SplitFed's baseline.)"""
-    mpirun.ok(4, "train.epochs=3", "split.share=false", "data.partition=iid",
-              f"server.schedule={schedule}", "output=s.h5", cwd=tmp_path, timeout=300)
+    mpirun.ok(4, "train.epochs=3", "data.image_size=16", "split.share=false",
+              "data.partition=iid", f"server.schedule={schedule}", "output=s.h5", cwd=tmp_path,
+              timeout=300)
     run = reader.read(tmp_path / "s.h5")
     for k, series in run.clients.items():
         chance = 1 / len(run.classes[k])
