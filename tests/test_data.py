@@ -61,12 +61,15 @@ def test_mnist_idx_files(tmp_path):
     torch.testing.assert_close(xt[:, 0], expected)
 
 
-def test_mnist_resized(tmp_path):
-    write_mnist(tmp_path)
-    cfg = make_cfg("mnist", tmp_path, image_size=32)
-    assert data.spec(cfg.data) == data.DataSpec(1, 32, 10)
+@pytest.mark.parametrize("name, writer, channels", [("mnist", write_mnist, 1),
+                                                    ("stl10", write_stl10, 3)])
+def test_resized_to_the_image_size(tmp_path, name, writer, channels):
+    """28 px MNIST up and 96 px STL-10 down to data.image_size."""
+    writer(tmp_path)
+    cfg = make_cfg(name, tmp_path, image_size=32)
+    assert data.spec(cfg.data) == data.DataSpec(channels, 32, 10)
     x, _ = next(iter(data.client_loaders(cfg, 1, 1)[0]))
-    assert_normalised(x, 1, 32)
+    assert_normalised(x, channels, 32)
 
 
 def test_cifar10_batches(tmp_path):
@@ -155,14 +158,6 @@ def test_emnist_letters_are_labelled_from_0(tmp_path):
     assert classes == [0] and len(train) == 2
     assert data.targets_of(train.dataset).tolist() == (written.train_labels - 1).tolist()
     assert data.targets_of(test.dataset).tolist() == (written.test_labels - 1).tolist()
-
-
-def test_stl10_resized_to_the_image_size(tmp_path):
-    write_stl10(tmp_path)
-    cfg = make_cfg("stl10", tmp_path, image_size=32)
-    assert data.spec(cfg.data) == data.DataSpec(3, 32, 10)
-    x, _ = next(iter(data.client_loaders(cfg, 1, 1)[0]))
-    assert_normalised(x, 3, 32)
 
 
 # --- missing files -------------------------------------------------------------------------
