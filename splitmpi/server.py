@@ -66,9 +66,13 @@ class Server:
     clock_offsets: dict = field(default_factory=dict)  # ns to add to client k's clock
     copies: dict[int, Trainable] = field(default_factory=dict)  # sfl_v1: client k's own
 
+    def model(self) -> Trainable:
+        """The one model: what sl and sfl_v2 train, and what clients are evaluated through."""
+        return Trainable(self.cloud, self.head, self.optimizer)
+
     def trainable(self, k: int) -> Trainable:
         """What client k's training requests update: its copy (sfl_v1) or the one model."""
-        return self.copies.get(k) or Trainable(self.cloud, self.head, self.optimizer)
+        return self.copies.get(k) or self.model()
 
 
 def prepare(ctx: Context, resume_epochs: int | None) -> Server:
@@ -107,14 +111,14 @@ def _restore_trainable(m: Trainable, saved: dict) -> None:
 
 
 def state(server: Server) -> dict:
-    return {**_trainable_state(server.trainable(0)), "schedule": server.schedule.state_dict(),
+    return {**_trainable_state(server.model()), "schedule": server.schedule.state_dict(),
             "copies": {k: _trainable_state(m) for k, m in server.copies.items()},
             "rng": checkpoint.rng_state(), "position": server.position or {},
             "audit": server.audit.state_dict() if server.audit and server.position else {}}
 
 
 def restore(server: Server, saved: dict) -> None:
-    _restore_trainable(server.trainable(0), saved)
+    _restore_trainable(server.model(), saved)
     for k, m in server.copies.items():
         _restore_trainable(m, saved["copies"][k])
     server.schedule.load_state_dict(saved["schedule"])
