@@ -41,7 +41,8 @@ VOLATILE = {"train": {"epochs", "resume", "checkpoint_every", "checkpoint_dir", 
 # existed did (None: irrelevant to such a run, so whatever the resuming run says).
 ADDED = {"split": {"share_bn": "average", "bn_recalibrate_batches": None,
                    "share_optimizer": "keep", "share_weights": "equal", "mode": "sl"},
-         "data": {"emnist_split": None}, "comm": {"compress": "none", "compress_grad": False}}
+         "data": {"emnist_split": None}, "comm": {"compress": "none", "compress_grad": False},
+         "server": {"batch_clients": None}}
 
 
 def directory(cfg: Config) -> Path:

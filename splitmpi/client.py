@@ -32,6 +32,7 @@ from torch import nn
 
 from . import checkpoint, data, models, sharing
 from .audit import ClientAudit
+from .config import SPLITFED
 from .defense import Defense
 from .runtime import SERVER, Context, clock_offsets
 from .transport import Flag, Kind
@@ -131,7 +132,7 @@ def share(ctx: Context, client: Client, epoch: int) -> int:
     samples = len(client.train_loader.dataset) if split.share_weights == "samples" else None
     reduced = sharing.average_extractor(client.extractor, ctx.clients_comm, split.share_bn,
                                         client.optimizer, split.share_optimizer, samples)
-    if split.mode != "sl" and client.classifier is not None:
+    if split.mode in SPLITFED and client.classifier is not None:
         reduced += sharing.average_extractor(client.classifier, ctx.clients_comm, "average",
                                              client.optimizer, split.share_optimizer, samples)
     if split.share_bn == "recalibrate":

@@ -121,14 +121,19 @@ class ModelConfig:
             self.cut = int(self.cut)  # a quoted "3" in YAML is cnn5's cut 3
 
 
+SPLITFED = ("sfl_v1", "sfl_v2")  # the split.mode values that average every client-side model
+
+
 @dataclass
 class SplitConfig:
-    mode: Literal["sl", "sfl_v1", "sfl_v2"] = "sl"
+    mode: Literal["sl", "sfl_v1", "sfl_v2", "parallel"] = "sl"
     """sl: split learning, one server update per request on one cloud model; sfl_v1
     (SplitFed v1): a cloud copy per client, averaged by samples after every epoch; sfl_v2
     (SplitFed v2): one cloud model, the clients one after another in a random order per
-    epoch. Both SplitFed modes average the client-side models after every epoch: the
-    extractors and, in u_shape, the classifiers (docs/architecture.md#modes)."""
+    epoch; parallel (parallel split learning): one server update on the batches of up to
+    ``server.batch_clients`` clients at once. Both SplitFed modes average the client-side
+    models after every epoch: the extractors and, in u_shape, the classifiers
+    (docs/architecture.md#modes)."""
     topology: Literal["u_shape", "label_sharing"] = "u_shape"
     """u_shape keeps inputs and labels on the clients; label_sharing sends the labels
     with the activations and puts the output layer on the server."""
@@ -216,6 +221,14 @@ class ServerConfig:
     schedule: Literal["round_robin", "sequential", "fifo"] = "round_robin"
     """Order the server serves the clients' requests in (``schedule.POLICIES``); fifo
     serves in arrival order, so it is not reproducible across runs."""
+    batch_clients: Literal["all"] | Annotated[int, "a number of clients, 1 or more"] = "all"
+    """split.mode=parallel only: the most clients whose batches one server update takes.
+    round_robin waits for the next this many clients in rank order; fifo takes the first
+    request to arrive and those already waiting."""
+
+    def validate(self) -> None:
+        if self.batch_clients != "all":
+            _at_least(1, "server", self, "batch_clients")
 
 
 @dataclass
@@ -481,8 +494,8 @@ def from_json(text: str) -> Config:
 def validate(cfg: Config) -> None:
     """Checks that need no data and no MPI: each section's own, then those that span
     sections; world-size checks live in ``check_world``, file checks in the commands."""
-    for section in (cfg.data, cfg.model, cfg.split, cfg.train, cfg.comm, cfg.clients,
-                    cfg.defense, cfg.attack):
+    for section in (cfg.data, cfg.model, cfg.split, cfg.train, cfg.comm, cfg.server,
+                    cfg.clients, cfg.defense, cfg.attack):
         section.validate()
     if ((cfg.model.arch == "cnn5" and cfg.model.cut == 0) or cfg.model.cut == "") and \
             cfg.split.topology == "u_shape":
@@ -491,7 +504,7 @@ def validate(cfg: Config) -> None:
                           "use split.topology=label_sharing for the all-at-server baseline, "
                           "or a cut that leaves layers on the clients")
     mode = cfg.split.mode
-    if mode != "sl" and not cfg.split.share:
+    if mode in SPLITFED and not cfg.split.share:
         raise ConfigError(f"split.mode={mode} averages the clients' extractors after every "
                           "epoch, but split.share=false", "set split.share=true, or use "
                           "split.mode=sl for split learning without sharing")
@@ -503,6 +516,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("split.mode=sfl_v2 serves the clients one after another, but "
                           f"server.schedule={cfg.server.schedule}",
                           "set server.schedule=sequential (sfl_v2 draws its order per epoch)")
+    if mode == "parallel" and cfg.server.schedule == "sequential":
+        raise ConfigError("split.mode=parallel gathers several clients' batches into one "
+                          "update, but server.schedule=sequential serves one client's whole "
+                          "phase at a time", "set server.schedule=round_robin (or fifo)")
+    if mode != "parallel" and cfg.server.batch_clients != "all":
+        raise ConfigError(f"server.batch_clients={cfg.server.batch_clients} is used by "
+                          f"split.mode=parallel only, but split.mode={mode}",
+                          "drop server.batch_clients, or set split.mode=parallel")
     if not cfg.output:
         raise ConfigError("output is empty", "set output=PATH.h5")
 

@@ -15,6 +15,11 @@ class Schedule:
     def next(self, active: list[int], kind: Kind) -> int:
         raise NotImplementedError
 
+    def more(self, active: list[int], kind: Kind) -> int | None:
+        """The next client to join a gathered batch (``split.mode=parallel``), None when no
+        more should: by default the next in order, waited for."""
+        return self.next(active, kind) if active else None
+
     def begin(self, epoch: int) -> None:
         """An epoch starts (0-based)."""
 
@@ -73,6 +78,10 @@ class Fifo(Schedule):
 
     def next(self, active: list[int], kind: Kind) -> int:
         return self.transport.probe_any(kind)
+
+    def more(self, active: list[int], kind: Kind) -> int | None:
+        """Only a request that has already arrived joins: fifo never waits for one."""
+        return self.transport.waiting(kind)
 
 
 POLICIES = {"sequential": Sequential, "round_robin": RoundRobin, "fifo": Fifo}

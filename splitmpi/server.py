@@ -5,7 +5,9 @@ One epoch, as the clients see it (``client.py`` is the other half of each step):
   train phase  - per request: get activation -> cloud forward -> (u_shape) send features,
                  get feature grad | (label_sharing) get labels, loss, send loss
                  -> backward -> send activation grad -> step. Ends when every client
-                 has sent an empty activation.
+                 has sent an empty activation. split.mode=parallel takes the requests of
+                 up to server.batch_clients clients into one step: one forward on their
+                 batches together, each client its slice of every reply.
   eval phase   - per request: get activation -> forward -> send features/logits.
   reports      - one report per client; one HDF5 row per series; one log line per client.
 
@@ -54,6 +56,17 @@ class Trainable:
 
 
 @dataclass
+class Request:
+    """A client's batch the server has taken, with the times its served stats need (ns)."""
+
+    client: int
+    activation: torch.Tensor
+    free: int  # the server turned to it
+    got: int  # it had arrived
+    sent: int  # the client sent it, on the server's clock
+
+
+@dataclass
 class Server:
     cloud: nn.Module  # the model the clients are evaluated through
     head: nn.Module | None  # the output layer, label_sharing only
@@ -65,6 +78,7 @@ class Server:
     position: dict | None = None  # a mid-epoch checkpoint's place in its epoch, until resumed
     clock_offsets: dict = field(default_factory=dict)  # ns to add to client k's clock
     copies: dict[int, Trainable] = field(default_factory=dict)  # sfl_v1: client k's own
+    gather: int = 1  # clients whose batches one training step takes (split.mode=parallel)
 
     def model(self) -> Trainable:
         """The one model: what sl and sfl_v2 train, and what clients are evaluated through."""
@@ -94,6 +108,9 @@ def prepare(ctx: Context, resume_epochs: int | None) -> Server:
         for k in range(1, ctx.client_count + 1):
             own = copy.deepcopy((cloud, head))
             server.copies[k] = Trainable(*own, models.sgd(list(own), cfg.train))
+    if cfg.split.mode == "parallel":
+        wanted = cfg.server.batch_clients
+        server.gather = ctx.client_count if wanted == "all" else min(wanted, ctx.client_count)
     return server
 
 
@@ -233,46 +250,60 @@ def serve_phase(ctx: Context, server: Server, kind: Kind, step,
     """Serve requests on ``kind`` in schedule order until every client has ended the phase;
     each request served counts its samples into ``progress``. ``carried``: the stats of
     the part of the phase before a mid-epoch checkpoint. In the train phase (``progress``
-    given) a signal stops serving (module doc); returns the stats per client and the
-    clients that stopped before the end of their shard, with how."""
+    given) a signal stops serving (module doc), and a step takes the requests of up to
+    ``server.gather`` clients; returns the stats per client and the clients that stopped
+    before the end of their shard, with how."""
     t = ctx.transport
     active, stopped = list(range(1, ctx.client_count + 1)), {}
     stats = defaultdict(lambda: {**dict.fromkeys(SERVE_SERIES, 0.0), "batches_served": 0})
     stats.update({int(k): dict(v) for k, v in (carried or {}).items()})
+    size = server.gather if progress is not None else 1
     start = time.perf_counter()
     while active:
         if progress is not None and ctx.stop.signal:
             t.stopping = True
-        free = time.monotonic_ns()  # the server turns to the next request
-        k = server.schedule.next(active, kind)
-        a = t.recv(k, kind, ctx.device)
-        got = time.monotonic_ns()
-        sent = t.sent_ns + server.clock_offsets.get(k, 0)  # the client's send, on our clock
-        began = time.perf_counter()
-        if a.shape[0] == 0:
+        group = []
+        while len(group) < size:
+            others = [k for k in active if all(r.client != k for r in group)]
+            if not others:
+                break
+            free = time.monotonic_ns()  # the server turns to the next request
+            k = server.schedule.more(others, kind) if group else server.schedule.next(others, kind)
+            if k is None:
+                break
+            a = t.recv(k, kind, ctx.device)
+            request = Request(k, a, free, time.monotonic_ns(),
+                              t.sent_ns + server.clock_offsets.get(k, 0))
+            if a.shape[0] > 0:
+                group.append(request)
+                continue
             active.remove(k)
             if t.flags & Flag.STOP:  # the client had a signal: stop everyone
                 t.stopping = True
                 stopped[k] = "had a signal"
             else:
-                stats[k]["phase_end_seconds"] = began - start
-            continue
+                stats[k]["phase_end_seconds"] = time.perf_counter() - start
         if progress is not None and t.stopping:
-            turn_down(ctx, server, k)
-            active.remove(k)
-            stopped[k] = "turned down"
+            for r in group:
+                turn_down(ctx, server, r.client)
+                active.remove(r.client)
+                stopped[r.client] = "turned down"
             continue
-        waited = step(ctx, server, k, a)
+        if not group:
+            continue
+        began = time.perf_counter()
+        waited = step(ctx, server, group)
         ctx.stop.steps += progress is not None
-        busy = time.perf_counter() - began
-        s = stats[k]
-        s["batches_served"] += 1
-        s["queue_wait_seconds"] += max(0, free - sent) / 1e9
-        s["server_idle_seconds"] += (got - free) / 1e9
-        s["server_compute_seconds"] += busy - waited
-        s["classifier_wait_seconds"] += waited
-        if progress is not None:
-            progress.update(a.shape[0], f"client {k}")
+        compute = (time.perf_counter() - began - sum(waited.values())) / len(group)
+        for r in group:
+            s = stats[r.client]
+            s["batches_served"] += 1
+            s["queue_wait_seconds"] += max(0, r.free - r.sent) / 1e9
+            s["server_idle_seconds"] += (r.got - r.free) / 1e9
+            s["server_compute_seconds"] += compute
+            s["classifier_wait_seconds"] += waited.get(r.client, 0.0)
+            if progress is not None:
+                progress.update(r.activation.shape[0], f"client {r.client}")
     return {k: stats[k] for k in range(1, ctx.client_count + 1)}, stopped
 
 
@@ -285,51 +316,66 @@ def turn_down(ctx: Context, server: Server, k: int) -> None:
     ctx.transport.send(torch.empty(0), k, reply)
 
 
-def train_step(ctx: Context, server: Server, k: int, a: torch.Tensor) -> float:
-    """One training request; returns the seconds spent waiting for the client's classifier
-    (u_shape: features out, feature gradient back)."""
+def train_step(ctx: Context, server: Server, group: list[Request]) -> dict[int, float]:
+    """One server update on the batches of ``group`` (one request, or in parallel mode up
+    to ``server.gather``): one forward on them together, each client its slice of the
+    replies. Each client's activation gradient is that of its own loss; the cloud steps on
+    the mean of the clients' gradients. Returns the seconds spent waiting for each client's
+    classifier (u_shape: features out, feature gradient back)."""
     t = ctx.transport
-    waited = 0.0
-    m = server.trainable(k)
-    a.requires_grad_(server.send_grad)
+    m = server.trainable(group[0].client)  # sfl_v1 (a copy per client) serves one at a time
+    inputs = [r.activation.requires_grad_(server.send_grad) for r in group]
+    sizes = [len(a) for a in inputs]
     m.cloud.train()
     m.optimizer.zero_grad(set_to_none=True)
     with ctx.autocast():
-        h = m.cloud(a)
-    if m.head is None:  # u_shape: the client's classifier computes the loss
-        sends = t.isend(h, k, Kind.FEATURES)
-        asked = time.perf_counter()
-        grad = t.recv(k, Kind.FEATURE_GRAD, ctx.device, h.dtype)
-        waited = time.perf_counter() - asked
-        h.backward(grad)
-    else:  # label_sharing: labels came with the activation
+        h = m.cloud(torch.cat(inputs))
+    sends, waited = [], {}
+    if m.head is None:  # u_shape: the clients' classifiers compute the loss
+        for r, features in zip(group, h.split(sizes)):
+            sends += t.isend(features, r.client, Kind.FEATURES)
+        grads = []
+        for r in group:
+            asked = time.perf_counter()
+            grads.append(t.recv(r.client, Kind.FEATURE_GRAD, ctx.device, h.dtype))
+            waited[r.client] = time.perf_counter() - asked
+        h.backward(torch.cat(grads))
+    else:  # label_sharing: labels came with the activations
         m.head.train()
-        y = t.recv(k, Kind.LABELS, ctx.device)
+        labels = [t.recv(r.client, Kind.LABELS, ctx.device) for r in group]
         with ctx.autocast():
             logits = m.head(h)
-        loss = nn.functional.cross_entropy(logits.float(), y)
-        loss.backward()
-        stats = torch.tensor([loss.item() * len(y), float((logits.argmax(1) == y).sum())],
-                             dtype=torch.float64)
-        sends = t.isend(stats, k, Kind.LOSS)
+        losses = []
+        for r, z, y in zip(group, logits.split(sizes), labels):
+            losses.append(nn.functional.cross_entropy(z.float(), y))
+            stats = torch.tensor([losses[-1].item() * len(y), float((z.argmax(1) == y).sum())],
+                                 dtype=torch.float64)
+            sends += t.isend(stats, r.client, Kind.LOSS)
+        torch.stack(losses).sum().backward()
     if server.send_grad:
-        sends += t.isend(a.grad, k, Kind.ACTIVATION_GRAD)
+        for r, a in zip(group, inputs):
+            sends += t.isend(a.grad, r.client, Kind.ACTIVATION_GRAD)
+    if len(group) > 1:
+        for p in (p for g in m.optimizer.param_groups for p in g["params"] if p.grad is not None):
+            p.grad /= len(group)
     m.optimizer.step()
     t.wait(sends)
     return waited
 
 
 @torch.no_grad()
-def eval_step(ctx: Context, server: Server, k: int, a: torch.Tensor) -> float:
-    """Forward only. The reply is not waited for here: the client takes it after sending its
-    next batch, and meanwhile the server serves others. The previous reply to this client
-    is waited for before this one (the client posts that receive right after this send)."""
+def eval_step(ctx: Context, server: Server, group: list[Request]) -> dict[int, float]:
+    """Forward only, one request at a time. The reply is not waited for here: the client
+    takes it after sending its next batch, and meanwhile the server serves others. The
+    previous reply to this client is waited for before this one (the client posts that
+    receive right after this send)."""
+    (r,) = group
     server.cloud.eval()
     with ctx.autocast():
-        out = server.cloud(a)
+        out = server.cloud(r.activation)
         if server.head is not None:
             server.head.eval()
             out = server.head(out)
-    ctx.transport.wait(server.replies.pop(k, []))
-    server.replies[k] = ctx.transport.isend(out, k, Kind.FEATURES)
-    return 0.0
+    ctx.transport.wait(server.replies.pop(r.client, []))
+    server.replies[r.client] = ctx.transport.isend(out, r.client, Kind.FEATURES)
+    return {}

@@ -282,6 +282,11 @@ class Transport:
         """The rank whose message of ``kind`` arrived first."""
         return self.waiter.probe_any(self.comm, int(kind))
 
+    def waiting(self, kind: Kind) -> int | None:
+        """The rank of a message of ``kind`` that has arrived, None when none has."""
+        status = MPI.Status()
+        return status.Get_source() if self.comm.Iprobe(MPI.ANY_SOURCE, int(kind), status) else None
+
     # -- receiving ---------------------------------------------------------------------
     def recv(self, source: int, kind: Kind, device: torch.device | str = "cpu",
              dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""SplitFed (``split.mode``): v1 trains a cloud copy per client and averages the copies by
-samples after every epoch, v2 serves the clients one after another in an order drawn per
-epoch; both average the extractors. Each learns as vanilla split learning does."""
+"""The split-learning family (``split.mode``): SplitFed v1 trains a cloud copy per client and
+averages the copies by samples after every epoch, v2 serves the clients one after another in
+an order drawn per epoch, both average the extractors; parallel split learning takes several
+clients' batches into one server step. Each learns as vanilla split learning does."""
 import numpy as np
 import pytest
 import torch
@@ -33,7 +34,11 @@ def test_weighted_mean_is_the_sample_weighted_mean_of_the_copies():
     (["split.mode=sfl_v2"], ["server.schedule=round_robin", "server.schedule=sequential"]),
     (["split.mode=sfl_v1", "split.share=false"], ["split.share=false", "split.share=true"]),
     (["split.mode=sfl_v1"], ["FedAvg", "split.share_weights=samples"]),
-    (["split.mode=parallel"], ["split.mode='parallel' is not supported", "sl, sfl_v1"]),
+    (["split.mode=parallel", "server.schedule=sequential"],
+     ["server.schedule=sequential", "server.schedule=round_robin"]),
+    (["split.mode=parallel", "server.batch_clients=0"], ["server.batch_clients=0", "1 or more"]),
+    (["server.batch_clients=2"], ["split.mode=parallel only", "split.mode=sl"]),
+    (["split.mode=split"], ["split.mode='split' is not supported", "sl, sfl_v1, sfl_v2, parallel"]),
 ])
 def test_modes_refuse_what_they_cannot_honour(overrides, words):
     with pytest.raises(ConfigError) as err:
@@ -42,12 +47,13 @@ def test_modes_refuse_what_they_cannot_honour(overrides, words):
     assert all(w in text for w in words), text
 
 
-def test_splitfed_learns_as_sequential_split_learning(tmp_path):
-    """iid shards, 3 clients, 3 epochs: sequential SL (SplitFed's baseline), v1 and v2 each
-    learn; after an epoch v1's copies are one model, which the server evaluates with."""
+def test_each_mode_learns_as_sequential_split_learning(tmp_path):
+    """iid shards, 3 clients, 3 epochs: sequential SL (SplitFed's baseline), v1, v2 and
+    parallel each learn; after an epoch v1's copies are one model, which the server
+    evaluates with; parallel served every client's batches in steps of 3 (one per round)."""
     runs = {}
     for mode, extra in (("sl", []), ("sfl_v1", ["split.share_weights=samples"]),
-                        ("sfl_v2", [])):
+                        ("sfl_v2", []), ("parallel", ["server.schedule=round_robin"])):
         mpirun.ok(4, "train.epochs=3", "data.image_size=16", "data.partition=iid",
                   "server.schedule=sequential",
                   f"split.mode={mode}", *extra, "train.checkpoint_every=3",
@@ -67,5 +73,34 @@ def test_splitfed_learns_as_sequential_split_learning(tmp_path):
     for copy in saved["copies"].values():
         for name, tensor in saved["cloud"].items():
             assert torch.equal(copy["cloud"][name], tensor), name
+    sl, parallel = runs["sl"], runs["parallel"]
+    for k in sl.clients:  # the same batches reached the server either way
+        assert np.array_equal(sl.clients[k]["batches_served"],
+                              parallel.clients[k]["batches_served"])
     means = {m: np.mean(list(r.final("train_accuracy").values())) for m, r in runs.items()}
     print(means)
+
+
+@pytest.mark.parametrize("mode, extra", [
+    ("parallel", ["server.batch_clients=4"]), ("sfl_v1", ["split.share_weights=samples"]),
+    ("sfl_v2", ["server.schedule=sequential"])])
+def test_one_client_runs_every_mode(tmp_path, mode, extra):
+    """-n 2: with one client, parallel split learning is split learning, bit for bit (its
+    gathered batch is the client's own); the SplitFed modes run and learn."""
+    common = ["train.epochs=2", "data.image_size=16", "train.checkpoint_every=2"]
+    mpirun.ok(2, *common, f"split.mode={mode}", *extra, "output=mode.h5", cwd=tmp_path)
+    run = reader.read(tmp_path / "mode.h5")
+    assert run.clients[1]["train_loss"][-1] < 0.9 * run.clients[1]["train_loss"][0]
+    if mode != "parallel":
+        return
+    mpirun.ok(2, *common, "output=sl.h5", cwd=tmp_path)
+    for rank, parts in ((0, ("cloud",)), (1, ("extractor", "classifier"))):
+        state = {name: torch.load(tmp_path / f"{name}.h5.ckpt" / "epoch-00002" /
+                                  f"rank-{rank}.pt", weights_only=True)["state"]
+                 for name in ("sl", "mode")}
+        for part in parts:
+            assert state["sl"][part], (rank, part)
+            for name, tensor in state["sl"][part].items():
+                assert torch.equal(state["mode"][part][name], tensor), (rank, part, name)
+    assert np.array_equal(reader.read(tmp_path / "sl.h5").clients[1]["train_loss"],
+                          run.clients[1]["train_loss"])

@@ -234,7 +234,8 @@ def test_one_split_step_is_the_one_process_step(world, stop, arch, cut, topology
 
     def serve():
         ctx = ctxs[SERVER]
-        server.train_step(ctx, cloud_side, CLIENT, ctx.transport.recv(CLIENT, Kind.ACTIVATION))
+        a = ctx.transport.recv(CLIENT, Kind.ACTIVATION)
+        server.train_step(ctx, cloud_side, [server.Request(CLIENT, a, 0, 0, 0)])
 
     def step():
         ctx = ctxs[CLIENT]
