@@ -10,6 +10,11 @@ Tables (see configs/*.yaml for the settings of each cell):
           named <data>-<sharing|nonsharing>-<cut>, from configs/table1_<data>_<share>.yaml
   tableI  "spatio-temporal split learning", table I: cnn5 on CIFAR-10 with 0..4 blocks on the
           clients; 5 cells named cut0..cut4, from configs/tableI_cifar10_cnn5.yaml
+  modes   the split-learning modes and the compressed cut layer on one run (cnn5 cut 2,
+          built-in data, sharing weighted by samples); 10 cells from configs/modes_cnn5.yaml:
+          sl (round robin), sl-sequential (SplitFed's baseline), sfl_v1, sfl_v2 (sequential),
+          parallel, and on sl: int8, fp8, topk0.1 (activations and features coded),
+          int8-grad, fp8-grad (gradients coded too)
 
 Each cell writes RESULTS_DIR/<table>/<cell>.h5 (RESULTS_DIR: --results, else the
 environment variable RESULTS_DIR, else results/) and its output to <cell>.log beside it.
@@ -81,7 +86,27 @@ def tableI() -> list[Cell]:
             for cut in PAPER_CUTS["cnn5"]]
 
 
-TABLES = {"table1": table1, "tableI": tableI}
+MODE_CELLS = {  # cell -> overrides of configs/modes_cnn5.yaml (sl, round robin, no coding)
+    "sl": [],
+    "sl-sequential": ["server.schedule=sequential"],
+    "sfl_v1": ["split.mode=sfl_v1"],
+    "sfl_v2": ["split.mode=sfl_v2", "server.schedule=sequential"],
+    "parallel": ["split.mode=parallel"],
+    "int8": ["comm.compress=int8"],
+    "fp8": ["comm.compress=fp8"],
+    "topk0.1": ["comm.compress=topk:0.1"],
+    "int8-grad": ["comm.compress=int8", "comm.compress_grad=true"],
+    "fp8-grad": ["comm.compress=fp8", "comm.compress_grad=true"],
+}
+
+
+def modes() -> list[Cell]:
+    """Every mode, then the codecs on sl: one config, so that only the cell's keys differ."""
+    return [Cell(name, str(CONFIGS / "modes_cnn5.yaml"), list(overrides))
+            for name, overrides in MODE_CELLS.items()]
+
+
+TABLES = {"table1": table1, "tableI": tableI, "modes": modes}
 
 
 # --- cells and their results files ---------------------------------------------------------

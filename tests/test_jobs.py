@@ -57,6 +57,23 @@ def test_tableI_only_and_extras(tmp_path):
     assert not (tmp_path / "tableI").exists()  # a dry run writes nothing
 
 
+def test_modes_cells(tmp_path):
+    proc = sweep("modes", "--dry-run", "--results", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr  # every cell's config validated
+    listed = lines(proc, "[")
+    cells = {line.split()[2]: line for line in listed}
+    assert list(cells) == ["sl", "sl-sequential", "sfl_v1", "sfl_v2", "parallel",
+                           "int8", "fp8", "topk0.1", "int8-grad", "fp8-grad"]
+    assert all("-n 4" in line and "configs/modes_cnn5.yaml" in line for line in listed)
+    assert "modes_cnn5.yaml output=" in cells["sl"]  # the config's own: sl, round robin
+    assert "server.schedule=sequential output=" in cells["sl-sequential"]
+    assert "split.mode=sfl_v2 server.schedule=sequential output=" in cells["sfl_v2"]
+    assert "split.mode=parallel output=" in cells["parallel"]
+    assert "comm.compress=topk:0.1 output=" in cells["topk0.1"]
+    assert "comm.compress=fp8 comm.compress_grad=true output=" in cells["fp8-grad"]
+    assert f"output={tmp_path}/modes/int8-grad.h5" in cells["int8-grad"]
+
+
 def test_slurm_dry_run(tmp_path):
     proc = sweep("tableI", "--slurm", "--dry-run", "--results", str(tmp_path),
                  "--max-parallel", "2", "--sbatch-arg=--partition=gpu")

@@ -28,13 +28,27 @@ RUNS = {  # file stem -> overrides; cut 1 has both sharing modes, cut 2 only sha
 }
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("runs")
-    for stem, overrides in RUNS.items():
+MODES = {  # file stem -> overrides: sl and one codec, the cheapest pair the modes table takes
+    "sl": (),
+    "int8": ("comm.compress=int8",),
+}
+
+
+def make_runs(folder, runs: dict):
+    for stem, overrides in runs.items():
         mpirun.ok(3, *mpirun.TINY, "model.arch=cnn5", *overrides, f"output={stem}.h5",
                   cwd=folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return make_runs(tmp_path_factory.mktemp("runs"), RUNS)
+
+
+@pytest.fixture(scope="module")
+def modes(tmp_path_factory):
+    return make_runs(tmp_path_factory.mktemp("modes"), MODES)
 
 
 def final_acc(path) -> dict[int, float]:
@@ -46,6 +60,17 @@ def final_acc(path) -> dict[int, float]:
 def bytes_per_epoch(path) -> float:
     with h5py.File(path, "r") as f:
         return float(f["comm/bytes_sent"][()].sum(axis=1).mean())
+
+
+def busy_percent(path) -> float:
+    """Server compute and classifier wait summed over the clients, over the training
+    phase (the last client's end of phase), per epoch; the mean over epochs, in percent."""
+    with h5py.File(path, "r") as f:
+        clients = f["clients"].values()
+        busy = sum(g["server_compute_seconds"][()] + g["classifier_wait_seconds"][()]
+                   for g in clients)
+        phase = np.max([g["phase_end_seconds"][()] for g in clients], axis=0)
+    return 100 * float(np.mean(busy / phase))
 
 
 def cli(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -109,6 +134,7 @@ def test_cli_text_csv_and_markdown(results):
     assert all(s in text.stdout for s in shown)
     assert str(round(bytes_per_epoch(results / "s2.h5"))) in text.stdout
     assert "unfinished" not in text.stdout
+    assert "Split-learning modes" not in text.stdout  # one mode, one codec: nothing compared
 
     out = cli("--csv", results)
     assert out.returncode == 0, out.stderr
@@ -135,6 +161,56 @@ def test_plot_writes_pngs(results, tmp_path):
                                                     "bytes_by_cut_cnn5.png"}
     assert {p.name for p in (tmp_path / "figs").iterdir()} == names
     for name in names:
+        path = tmp_path / "figs" / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+        assert str(path) in proc.stderr
+
+
+def test_modes_table_holds_the_files_numbers(modes, tmp_path):
+    runs = [reader.read(modes / f"{stem}.h5") for stem in MODES]
+    (table,) = training.modes_table(runs)
+    rows = {r["run"]: r for r in table.rows}
+    assert list(rows) == list(MODES)  # file stems: the sweep's cell names
+    for stem, row in rows.items():
+        path = modes / f"{stem}.h5"
+        acc = final_acc(path)
+        with h5py.File(path, "r") as f:
+            seconds = float(f["epochs/seconds"][()].mean())
+        assert (row["status"], row["mode"], row["schedule"]) == ("finished", "sl", "round_robin")
+        assert row["acc_mean"] == pytest.approx(np.mean(list(acc.values())), abs=0.005)
+        assert (row["acc_1"], row["acc_2"]) == (pytest.approx(acc[1], abs=0.005),
+                                                pytest.approx(acc[2], abs=0.005))
+        assert row["s_per_epoch"] == pytest.approx(seconds, abs=0.0005)
+        assert row["bytes_per_epoch"] == round(bytes_per_epoch(path))
+        assert row["server_busy_pct"] == pytest.approx(busy_percent(path), abs=0.05)
+        assert 0 < row["server_busy_pct"] <= 100
+    assert (rows["sl"]["compress"], rows["int8"]["compress"]) == ("none", "int8")
+    # activations and features in a byte per entry, gradients still float32
+    assert rows["int8"]["bytes_per_epoch"] < 0.7 * rows["sl"]["bytes_per_epoch"]
+    assert training.modes_table(runs[:1]) == []  # one mode and codec: nothing to compare
+
+    old = tmp_path / "sl.h5"  # splitmpi 0.1 kept the server's busy time as one series
+    shutil.copy(modes / "sl.h5", old)
+    with h5py.File(old, "a") as f:
+        for g in f["clients"].values():
+            g["server_busy_seconds"] = g["server_compute_seconds"][()] + \
+                g["classifier_wait_seconds"][()]
+            del g["server_compute_seconds"], g["classifier_wait_seconds"]
+    assert training.server_busy_share(reader.read(old)) == pytest.approx(
+        training.server_busy_share(runs[0]))
+
+
+def test_modes_cli_and_figures(modes, tmp_path):
+    proc = cli("--csv", modes, "--plot", tmp_path / "figs")
+    assert proc.returncode == 0, proc.stderr
+    table = next(rows for title, rows in csv_tables(proc.stdout).items()
+                 if title.startswith("Split-learning modes and compression"))
+    assert [(r["run"], r["compress"]) for r in table] == [("int8", "int8"), ("sl", "none")]
+    for row in table:
+        assert int(row["bytes_per_epoch"]) == round(bytes_per_epoch(modes / f"{row['run']}.h5"))
+    compared = {"accuracy_vs_time.png", "accuracy_vs_bytes.png"}
+    assert compared <= {p.name for p in (tmp_path / "figs").iterdir()}
+    for name in compared:
         path = tmp_path / "figs" / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
         assert str(path) in proc.stderr

@@ -18,10 +18,10 @@ from .render import Table, render
 PROG = "splitmpi.report"
 
 TABLES: list[Callable[[list[Run]], list[Table]]] = [
-    training.runs_table, training.sharing_table, training.cut_tables,
+    training.runs_table, training.sharing_table, training.cut_tables, training.modes_table,
     training.audit_table, attacks.attack_tables]
 PLOTS: list[Callable[[list[Run], Path], list[Path]]] = [
-    training.plot_accuracy, training.plot_cuts, attacks.plot_attack]
+    training.plot_accuracy, training.plot_cuts, training.plot_modes, attacks.plot_attack]
 
 
 def tables(runs: list[Run]) -> list[Table]:

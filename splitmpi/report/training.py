@@ -1,14 +1,15 @@
 """What the training runs measured: their tables and figures.
 
 The tables of the two papers (sharing vs non-sharing extractors per client; accuracy and
-traffic by cut), a listing of every file, and the privacy audit of runs made with
-audit=true. Unfinished runs carry ``status: unfinished`` and are never averaged together
-with finished ones.
+traffic by cut), a listing of every file, the split-learning modes and codecs side by side
+(``jobs/sweep.py modes``), and the privacy audit of runs made with audit=true. Unfinished
+runs carry ``status: unfinished`` and are never averaged together with finished ones.
 """
 from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -53,6 +54,49 @@ def bytes_per_epoch(run: Run) -> float:
     is not in /comm; it is each client's ``share_buffer_bytes`` series)."""
     sent = run.comm.get("bytes_sent")
     return float(sent.sum(axis=1).mean()) if sent is not None and len(sent) else math.nan
+
+
+def mean_accuracy(run: Run) -> np.ndarray:
+    """Test accuracy after each epoch, the plain mean over clients (fraction)."""
+    return np.mean([s["test_accuracy"] for s in run.clients.values()], axis=0)
+
+
+def server_busy_share(run: Run) -> np.ndarray:
+    """Per epoch, the share of the training phase the server spent on requests: computing
+    and, in u_shape, waiting on the client's classifier (it serves no one else meanwhile),
+    summed over the clients, over the phase's length (the last client's end of phase)."""
+    series = run.clients.values()
+    busy = sum(s["server_busy_seconds"] if "server_busy_seconds" in s  # 0.1's files: the sum
+               else s["server_compute_seconds"] + s["classifier_wait_seconds"] for s in series)
+    return busy / np.max([s["phase_end_seconds"] for s in series], axis=0)
+
+
+def _mode(run: Run) -> str:
+    return _cfg(run, "split.mode") or "sl"  # files from before split.mode ran sl
+
+
+def _coding(run: Run) -> str:
+    """comm.compress, ``+grad`` where the gradients were coded too; none before it existed."""
+    codec = _cfg(run, "comm.compress") or "none"
+    return codec + ("+grad" if codec != "none" and _cfg(run, "comm.compress_grad") else "")
+
+
+def compared(runs: list[Run]) -> list[Run]:
+    """The runs of the modes table and figures: those with an epoch, if they differ in
+    split.mode or in the codec (with or without gradients); else none, so that the papers'
+    sweeps (data, cut and sharing on sl without coding) are reported as before. A schedule
+    alone does not count: table I's runs serve fifo, table 1's round robin."""
+    runs = [r for r in runs if r.epochs]
+    return runs if len({(_mode(r), _coding(r)) for r in runs}) > 1 else []
+
+
+def names(runs: list[Run]) -> list[str]:
+    """Each file's path less the folder they all share and the suffix: the sweep's cell
+    names (``results/modes/int8-grad.h5`` -> ``int8-grad``), with their folders where
+    several sweeps are read together."""
+    paths = [r.path.resolve() for r in runs]
+    common = Path(os.path.commonpath([p.parent for p in paths]))
+    return [str(p.relative_to(common).with_suffix("")) for p in paths]
 
 
 # --- tables -------------------------------------------------------------------------------
@@ -135,6 +179,29 @@ def cut_tables(runs: list[Run]) -> list[Table]:
     return tables
 
 
+def modes_table(runs: list[Run]) -> list[Table]:
+    """The modes sweep's comparison (``jobs/sweep.py modes``), one row per run of
+    ``compared``: what each split-learning mode and codec costs in accuracy, time, traffic
+    and server load."""
+    runs = compared(runs)
+    if not runs:
+        return []
+    rows = []
+    for run, name in zip(runs, names(runs)):
+        acc = run.final()
+        rows.append({"run": name, "status": status(run), "mode": _mode(run),
+                     "schedule": _cfg(run, "server.schedule"), "compress": _coding(run),
+                     "acc_mean": round(100 * _mean(acc.values()), 2),
+                     **{f"acc_{k}": round(100 * a, 2) for k, a in acc.items()},
+                     "s_per_epoch": round(float(run.epoch_seconds.mean()), 3),
+                     "bytes_per_epoch": round(bytes_per_epoch(run)),
+                     "server_busy_pct": round(100 * _mean(server_busy_share(run)), 1)})
+    return [Table("Split-learning modes and compression: final test accuracy (%), mean over "
+                  "clients and per client; seconds and bytes sent (all ranks) per epoch; "
+                  "server busy = % of the training phase spent computing or waiting on a "
+                  "classifier (summed over clients), mean over epochs", rows)]
+
+
 def audit_table(runs: list[Run]) -> list[Table]:
     """The privacy audit of runs made with audit=true: messages the server received and how
     many carried a client's raw inputs or labels (any non-zero count is a leak)."""
@@ -210,4 +277,30 @@ def plot_cuts(runs: list[Run], outdir: Path) -> list[Path]:
             ax.set(xlabel="cut (blocks/layers on the clients)", ylabel=ylabel,
                    title=f"{arch}: {ylabel.split(' (')[0]} by cut")
             paths.append(_save(fig, ax, outdir / f"{name}_by_cut_{slug(arch)}.png"))
+    return paths
+
+
+def plot_modes(runs: list[Run], outdir: Path) -> list[Path]:
+    """``accuracy_vs_time.png`` and ``accuracy_vs_bytes.png`` for the runs of
+    ``modes_table``: the mean test accuracy after each epoch against the wall seconds and
+    against the bytes sent (all ranks) up to that epoch's end, a line per run."""
+    runs = compared(runs)
+    if not runs:
+        return []
+    plt = pyplot()
+    paths = []
+    for name, xlabel, per_epoch in (
+            ("time", "wall seconds (rank 0's epochs, cumulative)", lambda r: r.epoch_seconds),
+            ("bytes", "MB sent (all ranks, cumulative)",
+             lambda r: r.comm["bytes_sent"].sum(axis=1) / 1e6)):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for i, (run, label) in enumerate(zip(runs, names(runs))):
+            acc, x = 100 * mean_accuracy(run), np.cumsum(per_epoch(run))
+            n = min(len(acc), len(x))  # a running job's file may be between two writes
+            ax.plot(x[:n], acc[:n], marker="osD^v<>"[i % 7],
+                    label=label + ("" if run.finished else " (unfinished)"),
+                    linestyle="-" if run.finished else "--")
+        ax.set(xlabel=xlabel, ylabel="mean test accuracy (%)",
+               title=f"Mean test accuracy against {xlabel.split(' (')[0]}, a point per epoch")
+        paths.append(_save(fig, ax, outdir / f"accuracy_vs_{name}.png"))
     return paths
