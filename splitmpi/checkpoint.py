@@ -42,7 +42,8 @@ VOLATILE = {"train": {"epochs", "resume", "checkpoint_every", "checkpoint_dir", 
 ADDED = {"split": {"share_bn": "average", "bn_recalibrate_batches": None,
                    "share_optimizer": "keep", "share_weights": "equal", "mode": "sl"},
          "data": {"emnist_split": None}, "comm": {"compress": "none", "compress_grad": False},
-         "server": {"batch_clients": None}}
+         "server": {"batch_clients": None},
+         "defense": {"grad_clip": 0.0, "grad_noise": 0.0}}
 
 
 def directory(cfg: Config) -> Path:

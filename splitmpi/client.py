@@ -8,6 +8,9 @@ One epoch, as the server sees it (``server.py`` is the other half of each step):
   share        - extractors averaged over the client communicator (``split.share``);
                  under split.share_bn=recalibrate each client then re-estimates the
                  extractor's BatchNorm statistics on its own training data.
+  label rows   - attack.labels only: the server sends back the feature-gradient rows it
+                 received, and the client scores label inference on them (its labels
+                 never leave; ``label_inference``).
   eval phase   - per test batch: send activation -> get features/logits (the next batch's
                  forward runs meanwhile); then an empty activation and this epoch's
                  report (metrics, counters) to rank 0.
@@ -27,10 +30,11 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, data, models, sharing
+from . import checkpoint, data, leakage, models, sharing
 from .audit import ClientAudit
 from .config import SPLITFED
 from .defense import Defense
@@ -108,11 +112,15 @@ def run(ctx: Context, client: Client, start: int = 0) -> bool:
                      f"{train['position']['batches']} batches ({ctx.stop.after()})")
             return True
         del train["position"]
+        sent = train.pop("labels_sent")
+        inferred = label_inference(ctx, sent, epoch) if ctx.cfg.attack.labels else None
         shared_bytes = share(ctx, client, epoch) if ctx.cfg.split.share else 0
         test = evaluate(ctx, client)
         report = {"epoch": epoch, "classes": client.classes, **train, **test,
                   "share_buffer_bytes": shared_bytes, "stop_requested": bool(ctx.stop.signal),
                   **ctx.transport.counters()}
+        if inferred is not None:
+            report["labels"] = inferred
         ctx.world.send(report, dest=SERVER, tag=Kind.REPORT)
         if client.audit:
             received = ctx.world.recv(source=SERVER, tag=Kind.AUDIT)
@@ -153,7 +161,9 @@ def train_epoch(ctx: Context, client: Client, epoch: int) -> dict:
     """One pass over the shard, from a mid-epoch checkpoint's place if there is one. The
     next batch is loaded while the server works on the current one (prefetch only: every
     step still uses the weights of the step before). ``position`` in the result is the
-    place reached, for a checkpoint should the server's verdict be to stop."""
+    place reached, for a checkpoint should the server's verdict be to stop;
+    ``labels_sent`` the labels of the first ``attack.label_rows`` samples trained on in
+    this process (attack.labels), in the order the server recorded their rows."""
     client.extractor.train()
     client.defense.train()
     if client.classifier is not None:
@@ -169,6 +179,7 @@ def train_epoch(ctx: Context, client: Client, epoch: int) -> dict:
     loader.sampler.set_epoch(epoch, start=place["batches"] * loader.batch_size)
     batches = iter(loader)
     batch, like, turned_down = next(batches, None), None, False
+    labels_sent, room = [], ctx.cfg.attack.label_rows if ctx.cfg.attack.labels else 0
     while batch is not None and not ctx.stop.signal:  # a signal: stop at this boundary
         x, y = batch
         undo = _undo_point(ctx, client)
@@ -181,6 +192,9 @@ def train_epoch(ctx: Context, client: Client, epoch: int) -> dict:
             break
         if client.audit:
             client.audit.see(x, y)
+        if room > 0:
+            labels_sent.append(y[:room].cpu())
+            room -= len(labels_sent[-1])
         ctx.stop.steps += 1
         batch_loss, batch_correct = result
         loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(y)
@@ -195,7 +209,21 @@ def train_epoch(ctx: Context, client: Client, epoch: int) -> dict:
                 "counters": ctx.transport.since(at_start)}
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
             "train_samples": seen, "train_seconds": seconds,
-            "samples_per_s": seen / seconds if seconds > 0 else 0.0, "position": position}
+            "samples_per_s": seen / seconds if seconds > 0 else 0.0, "position": position,
+            "labels_sent": labels_sent}
+
+
+def label_inference(ctx: Context, sent: list[torch.Tensor], epoch: int) -> dict:
+    """attack.labels: the feature-gradient rows the server received from this client in
+    the training phase come back, and the client scores what they tell of the labels it
+    trained them with (``leakage.score``). Only the scores go to the server."""
+    rows = ctx.world.recv(source=SERVER, tag=Kind.LABEL_ROWS)
+    y = torch.cat(sent).numpy() if sent else np.zeros(0, np.int64)
+    if len(rows) != len(y):
+        raise RuntimeError(f"client {ctx.rank}: the server recorded {len(rows)} feature-"
+                           f"gradient rows of this epoch, the client {len(y)} labels")
+    rng = np.random.default_rng([ctx.cfg.train.seed, ctx.rank, epoch])
+    return leakage.score(rows, y, ctx.cfg.attack.known_labels, rng)
 
 
 def _undo_point(ctx: Context, client: Client):
@@ -261,7 +289,7 @@ def _finish_step(ctx: Context, client: Client, step: Step, sends: list):
             loss = nn.functional.cross_entropy(logits.float(), y)
         loss.backward()
         t.wait(sends)
-        sends = t.isend(h.grad, SERVER, Kind.FEATURE_GRAD)
+        sends = t.isend(client.defense.gradient(h.grad), SERVER, Kind.FEATURE_GRAD)
         batch_loss = loss.item() * len(y)
         batch_correct = int((logits.argmax(1) == y).sum())
     if sent.requires_grad:

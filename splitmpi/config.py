@@ -250,24 +250,42 @@ class DefenseConfig:
     """Weight of the NoPeek distance-correlation loss."""
     dropout: float = 0.0
     """Dropout probability on the cut (training only)."""
+    grad_clip: float = 0.0
+    """u_shape, against label leakage: the largest L2 norm of each sample's feature
+    gradient (its loss's dL/dh) a client sends; 0 = off (docs/privacy.md)."""
+    grad_noise: float = 0.0
+    """u_shape: Gaussian noise added to each clipped feature-gradient row, its std in units
+    of ``grad_clip`` (std = grad_noise * grad_clip); needs grad_clip > 0."""
 
     def validate(self) -> None:
-        _at_least(0, "defense", self, "noise_sigma", "nopeek_alpha")
+        _at_least(0, "defense", self, "noise_sigma", "nopeek_alpha", "grad_clip",
+                  "grad_noise")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"defense.dropout={self.dropout} is not a probability below 1",
                               "set defense.dropout to at least 0 and below 1")
+        if self.grad_noise > 0 and self.grad_clip == 0:
+            raise ConfigError(f"defense.grad_noise={self.grad_noise} is relative to the clip "
+                              "norm, but defense.grad_clip=0",
+                              "set defense.grad_clip > 0 too, e.g. defense.grad_clip=1")
 
 
 @dataclass
 class AttackConfig:
-    """Read only by ``python -m splitmpi.attack``; a training run ignores it, and its
-    checkpoints do not depend on it (``checkpoint.VOLATILE``)."""
+    """Read by ``python -m splitmpi.attack``; a training run reads only ``labels``,
+    ``label_rows`` and ``known_labels``, which change none of its training numbers, so
+    checkpoints do not depend on this section (``checkpoint.VOLATILE``)."""
 
-    method: Literal["decoder", "rmle", "both"] = "decoder"
+    method: Literal["decoder", "rmle", "both", "completion"] = "decoder"
     """decoder: an inverse network; rmle: white-box optimisation; both: both on one
-    extractor."""
+    extractor; completion: the server completes its cloud with a head trained on a few
+    known labels (a run's checkpoint, u_shape)."""
     checkpoint: str = ""
-    """Extractor to attack (.pt); empty: train the config's model first."""
+    """Extractor to attack: a .pt file, a run's checkpoint folder (OUTPUT.h5.ckpt or one
+    epoch-NNNNN in it) or a results file OUTPUT.h5; empty: train the config's model first."""
+    client: int = 1
+    """A run's checkpoint: whose extractor (client k = 1..N)."""
+    epoch: int = 0
+    """A run's checkpoint: the saved epoch to attack; 0: the latest."""
     save: str = ""
     """Where to save the in-process trained model (.pt, for attack.checkpoint)."""
     aux: Literal["train", "others"] = "train"
@@ -295,10 +313,20 @@ class AttackConfig:
     """Originals and reconstructions stored for figures."""
     output: str = ""
     """Results file for /attack/<method>; empty: the top-level output."""
+    labels: bool = False
+    """Training runs, u_shape: measure label inference from the feature gradients the
+    server receives; each client scores the rows it sent, per epoch, into /attack/labels
+    (docs/privacy.md)."""
+    label_rows: int = 512
+    """attack.labels: the most feature-gradient rows recorded per client and epoch (the
+    first ones of the epoch)."""
+    known_labels: int = 4
+    """attack.labels: labelled rows per class the attacker is given (the first of each
+    class); they name the classes and are not scored."""
 
     def validate(self) -> None:
         _at_least(1, "attack", self, "aux_samples", "eval_samples", "batch_size",
-                  "decoder_width")
+                  "decoder_width", "label_rows", "known_labels")
         _at_least(0, "attack", self, "epochs", "rmle_steps", "grid", "rmle_tv")
         _positive("attack", self, "lr", "rmle_lr")
 
@@ -503,6 +531,13 @@ def validate(cfg: Config) -> None:
                           "u_shape would send raw inputs to the server",
                           "use split.topology=label_sharing for the all-at-server baseline, "
                           "or a cut that leaves layers on the clients")
+    if cfg.split.topology != "u_shape":
+        for key, on in (("attack.labels", cfg.attack.labels),
+                        ("defense.grad_clip", cfg.defense.grad_clip > 0)):
+            if on:
+                raise ConfigError(f"{key} concerns the feature gradient of u_shape, but "
+                                  f"split.topology={cfg.split.topology} sends the labels "
+                                  "themselves", f"drop {key}, or use split.topology=u_shape")
     mode = cfg.split.mode
     if mode in SPLITFED and not cfg.split.share:
         raise ConfigError(f"split.mode={mode} averages the clients' extractors after every "

@@ -5,6 +5,13 @@
 - Dropout on the cut (``defense.dropout``), training only.
 - NoPeek (``defense.nopeek_alpha``): alpha * distance correlation between the inputs and
   the activations, added to the client's loss so the extractor learns to decorrelate them.
+
+And one against label inference (u_shape), applied to the feature gradient a client sends
+back (``Defense.gradient``): each sample's row clipped to ``defense.grad_clip`` and, with
+``defense.grad_noise``, Gaussian noise added (DP-SGD's clip-and-noise on dL/dh). The
+server's cloud and, through the activation gradient, the client's extractor learn from
+that defended gradient; the client's classifier keeps its own true gradient
+(docs/privacy.md, "Labels in the U-shape").
 """
 from __future__ import annotations
 
@@ -34,6 +41,8 @@ class Defense(nn.Module):
         self.sigma = cfg.noise_sigma
         self.alpha = cfg.nopeek_alpha
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.clip = cfg.grad_clip
+        self.grad_sigma = cfg.grad_noise * cfg.grad_clip
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         """The tensor actually sent for activation ``a`` (gradients flow through)."""
@@ -45,3 +54,17 @@ class Defense(nn.Module):
     def penalty(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
         """The NoPeek loss term, or None when it is off."""
         return self.alpha * distance_correlation(x, a) if self.alpha > 0 else None
+
+    def gradient(self, g: torch.Tensor) -> torch.Tensor:
+        """The feature gradient sent for ``g`` = dL/dh of a batch's mean loss. Each row
+        times the batch size is the gradient of that sample's own loss, whatever the batch
+        size: that is clipped to L2 norm ``grad_clip`` and gets noise of std
+        ``grad_noise * grad_clip``, then it is scaled back. Unchanged when the clip is off."""
+        if self.clip == 0:
+            return g
+        n = len(g)
+        rows = g.reshape(n, -1) * n
+        rows = rows * (self.clip / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1)
+        if self.grad_sigma > 0:
+            rows = rows + self.grad_sigma * torch.randn_like(rows)
+        return (rows / n).reshape(g.shape)

@@ -38,6 +38,14 @@ class Run:
     def epochs(self) -> int:
         return len(self.epoch_seconds)
 
+    @property
+    def label_inference(self) -> dict[int, dict[str, np.ndarray]]:
+        """``/attack/labels`` (attack.labels=true runs): client k -> series -> one value per
+        epoch; empty for other runs."""
+        found = self.groups.get("attack", {}).get("labels", {})
+        return {int(k): v for k, v in sorted(found.items(), key=lambda kv: int(kv[0]))
+                if not k.startswith("@")}
+
     def final(self, series: str = "test_accuracy") -> dict[int, float]:
         """Each client's last value of ``series`` (NaN for a client with no epoch yet)."""
         return {k: float(v[series][-1]) if len(v[series]) else float("nan")

@@ -9,6 +9,8 @@ Layout (every series has one row per finished epoch):
                         during that epoch (transport messages; sharing bytes are per client)
   /audit/<k>/<series>   int64, audit=true only: messages_checked, input_matches,
                         label_matches (messages that carried raw inputs / labels)
+  /attack/labels/<k>/<series>  float64, attack.labels=true only: label inference from the
+                        feature gradients client k sent (leakage.SERIES)
 
 Structure is created up front; rows are appended and flushed each epoch, so a killed job
 leaves a readable file holding every finished epoch.
@@ -27,6 +29,7 @@ from . import __version__
 from .audit import SERIES as AUDIT_SERIES
 from .config import Config
 from .errors import ConfigError
+from .leakage import SERIES as LABEL_SERIES
 
 CLIENT_SERIES = ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
                  "train_samples", "test_samples", "samples_per_s", "train_seconds",
@@ -84,7 +87,7 @@ class ResultsWriter:
     def __init__(self, cfg: Config, world_size: int, clients: int,
                  resume_epochs: int | None = None):
         if resume_epochs is not None:
-            self._continue(cfg.output, resume_epochs, world_size)
+            self._continue(cfg, resume_epochs, world_size, clients)
             return
         self.file = h5py.File(cfg.output, "w")
         attrs = self.file.attrs
@@ -103,6 +106,8 @@ class ResultsWriter:
                 for name in AUDIT_SERIES:
                     self.file.create_dataset(f"audit/{k}/{name}", shape=(0,), maxshape=(None,),
                                              dtype="i8")
+        if cfg.attack.labels:
+            self._label_series(clients, 0)
         self.file.create_dataset("epochs/seconds", shape=(0,), maxshape=(None,), dtype="f8")
         for name in COMM_COUNTERS:
             self.file.create_dataset(f"comm/{name}", shape=(0, world_size),
@@ -110,15 +115,29 @@ class ResultsWriter:
         self.previous = np.zeros((len(COMM_COUNTERS), world_size), dtype=np.int64)
         self.file.flush()
 
-    def _continue(self, path: str, epochs: int, world_size: int) -> None:
+    def _label_series(self, clients: int, epochs: int) -> None:
+        """The /attack/labels series, NaN for the ``epochs`` a resumed run did not measure."""
+        for k in range(1, clients + 1):
+            for name in LABEL_SERIES:
+                self.file.create_dataset(f"attack/labels/{k}/{name}", shape=(epochs,),
+                                         maxshape=(None,), dtype="f8", fillvalue=np.nan)
+
+    def _continue(self, cfg: Config, epochs: int, world_size: int, clients: int) -> None:
         """Reopen a resumed run's file; rows past the checkpoint (written after it by a run
-        that was killed) are dropped, since they are about to be recomputed."""
-        self.file = h5py.File(path, "r+")
+        that was killed) are dropped, since they are about to be recomputed. attack.labels
+        may differ from the saved run's: missing label series start as NaN rows, and a run
+        that measures none adds NaN rows to existing ones."""
+        self.file = h5py.File(cfg.output, "r+")
         attrs = self.file.attrs
         for name, item in self.file.items():
             if name in ("clients", "epochs", "comm", "audit"):
                 item.visititems(lambda _, d: d.resize(epochs, axis=0)
                                 if isinstance(d, h5py.Dataset) else None)
+        if "attack/labels" in self.file:
+            self.file["attack/labels"].visititems(lambda _, d: d.resize(epochs, axis=0)
+                                                  if isinstance(d, h5py.Dataset) else None)
+        elif cfg.attack.labels:
+            self._label_series(clients, epochs)
         if "finished" in attrs:
             del attrs["finished"]
         attrs["resumed"] = np.append(attrs.get("resumed", np.zeros(0, np.int64)), epochs)
@@ -141,6 +160,11 @@ class ResultsWriter:
             if "audit" in self.file:
                 for name in AUDIT_SERIES:
                     self._append(self.file[f"audit/{k}/{name}"], report[name])
+            if "attack/labels" in self.file:
+                found = report.get("labels", {})
+                for name in LABEL_SERIES:
+                    self._append(self.file[f"attack/labels/{k}/{name}"],
+                                 found.get(name, np.nan))
         self._append(self.file["epochs/seconds"], seconds)
         totals = np.array([[server[c]] + [reports[k][c] for k in sorted(reports)]
                            for c in COMM_COUNTERS], dtype=np.int64)

@@ -8,6 +8,9 @@ One epoch, as the clients see it (``client.py`` is the other half of each step):
                  has sent an empty activation. split.mode=parallel takes the requests of
                  up to server.batch_clients clients into one step: one forward on their
                  batches together, each client its slice of every reply.
+  label rows   - attack.labels only: each client gets back the feature-gradient rows the
+                 server received from it (``send_label_rows``) and scores label inference
+                 on them where the labels are; its report carries the scores.
   eval phase   - per request: get activation -> forward -> send features/logits.
   reports      - one report per client; one HDF5 row per series; one log line per client.
 
@@ -29,6 +32,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -79,6 +83,8 @@ class Server:
     clock_offsets: dict = field(default_factory=dict)  # ns to add to client k's clock
     copies: dict[int, Trainable] = field(default_factory=dict)  # sfl_v1: client k's own
     gather: int = 1  # clients whose batches one training step takes (split.mode=parallel)
+    # attack.labels: feature-gradient rows received from each client in this train phase
+    label_rows: dict[int, list[torch.Tensor]] | None = None
 
     def model(self) -> Trainable:
         """The one model: what sl and sfl_v2 train, and what clients are evaluated through."""
@@ -111,6 +117,8 @@ def prepare(ctx: Context, resume_epochs: int | None) -> Server:
     if cfg.split.mode == "parallel":
         wanted = cfg.server.batch_clients
         server.gather = ctx.client_count if wanted == "all" else min(wanted, ctx.client_count)
+    if cfg.attack.labels:
+        server.label_rows = defaultdict(list)
     return server
 
 
@@ -181,6 +189,8 @@ def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int 
                      "train.resume=auto to go on from there")
             return True
         ctx.transport.stopping = False
+        if server.label_rows is not None:
+            send_label_rows(ctx, server)
         if server.copies:  # sfl_v1: the copies' sample-weighted mean, in every copy
             average_copies(server, shards)
         trained = time.perf_counter()
@@ -206,6 +216,14 @@ def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int 
                       f"{report['server_compute_seconds']:.1f} s, waiting on its classifier "
                       f"{report['classifier_wait_seconds']:.1f} s, train phase ended at "
                       f"{report['phase_end_seconds']:.1f} s")
+            if "labels" in report:
+                found = report["labels"]
+                log.info(f"{title} client {k}: label inference from "
+                         f"{found['rows']:.0f} feature-gradient rows: cosine "
+                         f"{found['cosine_accuracy']:.3f}, clusters "
+                         f"{found['cluster_accuracy']:.3f} (named by known rows "
+                         f"{found['cluster_known_accuracy']:.3f}), norm AUC "
+                         f"{found['norm_auc']:.3f}, chance {found['chance']:.3f}")
         writer.append_epoch(seconds, reports, ctx.transport.counters())
         log.info(f"{title} done in {seconds:.1f} s")
         stop = bool(ctx.stop.signal) or any(r["stop_requested"] for r in reports.values())
@@ -230,6 +248,26 @@ def average_copies(server: Server, shards: list[int]) -> None:
         if modules[0] is not None:
             sharing.weighted_mean(modules, shards)
             getattr(server, part).load_state_dict(modules[0].state_dict())
+
+
+def keep_label_rows(server: Server, k: int, grad: torch.Tensor, cap: int) -> None:
+    """attack.labels: keep client k's feature-gradient rows as received (after the wire's
+    decode), the first ``cap`` of the train phase."""
+    kept = server.label_rows[k]
+    room = cap - sum(len(rows) for rows in kept)
+    if room > 0:
+        rows = grad[:room].detach()
+        kept.append(rows.reshape(len(rows), -1).to("cpu", torch.float32, copy=True))
+
+
+def send_label_rows(ctx: Context, server: Server) -> None:
+    """attack.labels: each client gets the rows kept of its train phase (pickled, on their
+    own tag) and scores label inference on them itself, so no label reaches the server.
+    A train phase stopped by a signal sends none: the resumed one records afresh."""
+    for k in range(1, ctx.client_count + 1):
+        kept = server.label_rows.pop(k, [])
+        rows = torch.cat(kept).numpy() if kept else np.zeros((0, 0), np.float32)
+        ctx.world.send(rows, dest=k, tag=Kind.LABEL_ROWS)
 
 
 def audit_epoch(ctx: Context, audit: ServerAudit, reports: dict[int, dict]) -> None:
@@ -339,6 +377,8 @@ def train_step(ctx: Context, server: Server, group: list[Request]) -> dict[int, 
             asked = time.perf_counter()
             grads.append(t.recv(r.client, Kind.FEATURE_GRAD, ctx.device, h.dtype))
             waited[r.client] = time.perf_counter() - asked
+            if server.label_rows is not None:
+                keep_label_rows(server, r.client, grads[-1], ctx.cfg.attack.label_rows)
         h.backward(torch.cat(grads))
     else:  # label_sharing: labels came with the activations
         m.head.train()

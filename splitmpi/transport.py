@@ -33,6 +33,7 @@ class Kind(enum.IntEnum):
     REPORT = 31  # client -> server: end of epoch, the client's metrics (small, pickled)
     AUDIT = 32  # server <-> client, audit=true: message digests, then match counts (pickled)
     CLOCK = 33  # server <-> client, at the start: clock readings (runtime.clock_offsets)
+    LABEL_ROWS = 34  # server -> client, attack.labels: the feature-gradient rows received
 
 
 class Flag(enum.IntFlag):

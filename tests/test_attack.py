@@ -76,7 +76,7 @@ def test_aux_images_exclude_client_1_with_others():
     train, _, classes = data.client_datasets(cfg, 1, 3)
     mine = {tuple(train[i][0].flatten()[:8].tolist()) for i in range(len(train))}
     aux, _, where, _ = attack_images(cfg)
-    assert "clients 2..N" in where
+    assert "none of client 1's images" in where
     assert not any(tuple(x.flatten()[:8].tolist()) in mine for x in aux)
 
 
@@ -254,6 +254,85 @@ def test_bad_checkpoint_and_foreign_output_exit_2(tmp_path, capsys):
         assert words in capsys.readouterr().err
     with h5py.File(foreign, "r") as f:
         assert list(f) == ["x"]
+
+
+# --- attacks on a real MPI run's checkpoints -----------------------------------------------
+
+# 2 clients that learn within 2 epochs (classes [0, 1] and [2, 3, 4]), a checkpoint each epoch
+RUN = ("data.image_size=16", "data.partition=[[0,1],[2,3,4]]", "data.train_size=1000",
+       "data.test_size=200", "train.epochs=2", "train.batch_size=16",
+       "train.checkpoint_every=1")
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory):
+    """The results file of one small u_shape run, its checkpoints in ``run.h5.ckpt``."""
+    where = tmp_path_factory.mktemp("split_run")
+    mpirun.ok(3, *RUN, "output=run.h5", cwd=where)
+    return where / "run.h5"
+
+
+def test_completion_labels_a_runs_test_data_from_a_few_known_labels(split_run, tmp_path,
+                                                                      capsys):
+    """The server's cloud plus a head fitted on 4 known labels per class labels client k's
+    test images far above chance, reported beside the client's own accuracy, which is the
+    one the run measured for that epoch (the extractor, cloud and classifier it trained)."""
+    run = reader.read(split_run)
+    out = tmp_path / "completion.h5"
+    for k, source in ((1, split_run), (2, f"{split_run}.ckpt")):
+        assert main([f"attack.checkpoint={source}", "attack.method=completion",
+                     f"attack.client={k}", f"attack.output={out}"]) == 0
+        said = capsys.readouterr().out
+        assert "completion: accuracy" in said and "the client's own" in said
+        g = groups(out)["completion"]
+        print(k, {n: g[f"@{n}"] for n in ("accuracy", "client_accuracy", "chance")})
+        assert g["@client"] == k and g["@known_samples"] == 4 * len(run.classes[k])
+        assert g["@chance"] == pytest.approx(1 / len(run.classes[k]))
+        assert g["@client_accuracy"] == g["@utility_accuracy"] == pytest.approx(
+            run.clients[k]["test_accuracy"][-1])
+        assert g["@accuracy"] > g["@chance"] + 0.2  # measured 0.82 (chance 0.5), 0.87 (0.33)
+        assert g["classes"].tolist() == run.classes[k] and g["class_accuracy"].shape == (
+            len(run.classes[k]),)
+        assert g["@test_samples"] == g["class_test_samples"].sum()
+
+
+def test_inversion_attacks_a_runs_saved_epoch(split_run, tmp_path):
+    """A given epoch of a checkpoint folder: that epoch's client-2 extractor, the run's own
+    config (no model or data keys on the command line), its utility the run's."""
+    out = tmp_path / "rmle.h5"
+    assert main([f"attack.checkpoint={split_run}.ckpt", "attack.epoch=1", "attack.client=2",
+                 "attack.method=rmle", "attack.rmle_steps=3", "attack.eval_samples=4",
+                 f"attack.output={out}"]) == 0
+    attacked = reader.read(out)
+    g = attacked.groups["attack"]["rmle"]
+    assert g["@client"] == 2 and g["psnr"].shape == (4,)
+    assert g["@utility_accuracy"] == pytest.approx(
+        reader.read(split_run).clients[2]["test_accuracy"][0])
+    assert attacked.config["attack"]["checkpoint"] == f"{split_run}.ckpt/epoch-00001"
+    assert attacked.config["data"]["train_size"] == 1000 and attacked.attrs["clients"] == 2
+
+
+def test_bad_run_targets_exit_2(split_run, tmp_path, capsys):
+    within = tmp_path / "within.ckpt" / "epoch-00001-step-0000003"
+    within.mkdir(parents=True)
+    (within / "COMPLETE").write_text("3 ranks\n")
+    unsaved = tmp_path / "unsaved.h5"
+    writer = ResultsWriter(config.load(None, [f"output={unsaved}"]), 3, 2)
+    writer.finish()
+    for args, words in (
+            ([f"attack.checkpoint={within.parent}"], "no checkpoint of a finished epoch"),
+            ([f"attack.checkpoint={within}"], "within an epoch"),
+            ([f"attack.checkpoint={split_run}", "attack.epoch=5"], "saved epochs: 1, 2"),
+            ([f"attack.checkpoint={split_run}", "attack.client=3"], "clients 1..2"),
+            ([f"attack.checkpoint={unsaved}"], "train.checkpoint_every=1"),
+            (["attack.method=completion"], "needs the server's cloud"),
+            (["attack.client=2"], "attack.client=2"),
+            ([f"attack.checkpoint={split_run}", "attack.method=completion",
+              "attack.known_labels=0"], "attack.known_labels")):
+        assert main([*args, f"attack.output={tmp_path / 'x.h5'}"]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("splitmpi.attack: error:") and words in err, (args, err)
+    assert not (tmp_path / "x.h5").exists()
 
 
 def privacy_sweep(*args) -> subprocess.CompletedProcess:

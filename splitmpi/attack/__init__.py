@@ -1,13 +1,15 @@
-"""Feature-inversion attacks on a trained extractor: ``python -m splitmpi.attack``.
+"""Feature-inversion and model-completion attacks on a trained split model:
+``python -m splitmpi.attack``.
 
 The curious server sees what crosses the cut for each image (the extractor's activation
 after the client's defense) and tries to rebuild the image. The package follows one attack
 from start to end, a module a step:
 
 - ``target``: the extractor under attack and the utility of its model, from
-  ``attack.checkpoint`` or trained here;
+  ``attack.checkpoint`` (a file, or a run's results file or checkpoints) or trained here;
 - ``images``: the evaluated images and the auxiliary images the attacker holds;
-- ``decoder`` and ``rmle``: the two methods, one module each;
+- ``decoder`` and ``rmle``: the two inversion methods, one module each; ``completion``:
+  model completion, a head on the run's cloud from a few known labels;
 - ``metrics``: how close a reconstruction comes (MSE, PSNR, SSIM, the paper's score);
 - ``output``: the ``/attack/<method>`` group of a splitmpi results file;
 - ``cli``: the command, which validates the settings and runs the steps in order.

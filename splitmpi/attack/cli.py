@@ -1,8 +1,9 @@
 """``python -m splitmpi.attack [-c CONFIG] [key=value ...]``: one process, no mpiexec.
 
 The settings are checked before any work (exit 2 with one message naming the fix, and
-nothing written); then the target, the images and each method in turn, every method's
-results written as soon as it ends.
+nothing written), and a run's checkpoint is located and its config taken
+(``target.for_run``); then the target, and either model completion or the images and each
+inversion method in turn, every method's results written as soon as it ends.
 """
 from __future__ import annotations
 
@@ -21,26 +22,50 @@ from .. import data, logs
 from ..config import Config
 from ..errors import ConfigError
 from ..runtime import node_cores, pick_device, pick_threads
+from .completion import completion_attack
 from .decoder import decoder_attack
 from .images import attack_images
-from .output import check_output, now, output_path, write
+from .output import check_output, now, output_path, write, write_completion
 from .rmle import rmle_attack
-from .target import describe_defense, feature_rms, get_target, observe
+from .target import Target, describe_defense, feature_rms, for_run, get_target, observe
 
 log = logging.getLogger(__name__)
 
 METHODS = ("decoder", "rmle")
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config) -> Config:
     """What ``config.load`` cannot check because it needs files: the checkpoint to attack
-    exists and the output can be written. ConfigError on a bad one."""
-    a = cfg.attack
-    if a.checkpoint and not Path(a.checkpoint).is_file():
-        raise ConfigError(f"attack.checkpoint {a.checkpoint} not found",
-                          "pass an existing .pt file, or leave attack.checkpoint empty to "
-                          "train the config's model first")
+    exists (a run's: ``target.for_run``, whose config is returned), the method fits it and
+    the output can be written. ConfigError on a bad one."""
+    cfg = for_run(cfg)
+    if cfg.attack.method == "completion":
+        if not (cfg.attack.checkpoint and Path(cfg.attack.checkpoint).is_dir()):
+            raise ConfigError("attack.method=completion needs the server's cloud, which a "
+                              "run's checkpoint holds",
+                              "pass attack.checkpoint=OUTPUT.h5 (or OUTPUT.h5.ckpt) of a run "
+                              "saved with train.checkpoint_every=1")
+        if cfg.split.topology != "u_shape":
+            raise ConfigError(f"attack.method=completion infers labels the clients keep, but "
+                              f"the run's split.topology={cfg.split.topology} sends them to "
+                              "the server", "attack a u_shape run")
     check_output(cfg)
+    return cfg
+
+
+def completion(cfg: Config, target: Target, started: str, t0: float) -> Path:
+    """Model completion on ``target``, written to ``/attack/completion``."""
+    t1 = time.perf_counter()
+    result = completion_attack(cfg, target)
+    write_completion(cfg, target, result, {"started": started,
+                                           "seconds": time.perf_counter() - t1,
+                                           "total_seconds": time.perf_counter() - t0})
+    path = output_path(cfg)
+    print(f"completion: accuracy {result['accuracy']:.4f} on client {target.client}'s "
+          f"{result['test_samples']} test images from {result['known_samples']} known labels "
+          f"({cfg.attack.known_labels} per class); the client's own {target.accuracy:.4f}, "
+          f"chance {result['chance']:.4f} -> {path}:/attack/completion", flush=True)
+    return path
 
 
 def run(cfg: Config) -> Path:
@@ -51,7 +76,10 @@ def run(cfg: Config) -> Path:
     t0 = time.perf_counter()
     target = get_target(cfg, device)
     log.info(f"target: {cfg.model.arch} cut {cfg.model.cut}, defense {describe_defense(cfg)}, "
-             f"utility (client 1 test accuracy) {target.accuracy:.4f}")
+             f"{target.source}, utility (client {target.client} test accuracy) "
+             f"{target.accuracy:.4f}")
+    if cfg.attack.method == "completion":
+        return completion(cfg, target, started, t0)
     aux, evaluated, aux_source, eval_source = attack_images(cfg)
     methods = METHODS if cfg.attack.method == "both" else (cfg.attack.method,)
     path = output_path(cfg)
@@ -82,8 +110,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m splitmpi.attack",
         description="Feature-inversion attack (decoder or white-box rMLE) on a trained "
-                    "extractor; results go to /attack/<method> of a splitmpi results file. "
-                    "One process, no mpiexec.",
+                    "extractor, or model completion of a run's cloud; results go to "
+                    "/attack/<method> of a splitmpi results file. One process, no mpiexec.",
         epilog="attack keys and defaults (any config key can be overridden):\n"
                + "\n".join(keys), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", help="YAML config file (default: the built-in defaults)")
@@ -97,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.setup(verbosity=args.verbosity)
     try:
-        cfg = config_mod.load(args.config, args.overrides)
-        validate(cfg)
+        cfg = validate(config_mod.load(args.config, args.overrides))
         run(cfg)
     except ConfigError as exc:
         sys.stderr.write(f"splitmpi.attack: error: {exc}\n")

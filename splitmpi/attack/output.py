@@ -6,8 +6,10 @@ otherwise a new results file is made. docs/privacy.md has the layout.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -68,6 +70,25 @@ def _open_results(cfg: Config, path: Path) -> h5py.File:
     return writer.file
 
 
+@contextlib.contextmanager
+def _new_group(cfg: Config, method: str) -> Iterator[h5py.Group]:
+    """``/attack/<method>`` of the output, empty (an older one is replaced)."""
+    with _open_results(cfg, output_path(cfg)) as f:
+        name = f"attack/{method}"
+        if name in f:
+            del f[name]
+        yield f.create_group(name)
+
+
+def _target_attrs(cfg: Config, method: str, target: Target) -> dict:
+    """What every attack's group says of its target: the model, the defense, the utility."""
+    return {"method": method, "arch": cfg.model.arch, "cut": cfg.model.cut,
+            "data": cfg.data.name, "client": target.client,
+            **{f"defense_{k}": float(v) for k, v in dataclasses.asdict(cfg.defense).items()},
+            "utility_accuracy": float(target.accuracy), "utility_source": target.source,
+            "config": cfg.to_json()}
+
+
 def write(cfg: Config, method: str, target: Target, evaluated: torch.Tensor, result: dict,
           info: dict) -> dict[str, float]:
     """Add or replace ``/attack/<method>`` (layout in docs/privacy.md); returns the
@@ -76,11 +97,7 @@ def write(cfg: Config, method: str, target: Target, evaluated: torch.Tensor, res
     recon = metrics.to_unit(result["reconstruction"])
     values = metrics.metrics(original, recon)
     summary = metrics.summarise(values)
-    with _open_results(cfg, output_path(cfg)) as f:
-        name = f"attack/{method}"
-        if name in f:
-            del f[name]
-        g = f.create_group(name)
+    with _new_group(cfg, method) as g:
         for key, v in values.items():
             g.create_dataset(key, data=v)
         for key, v in result["series"].items():
@@ -89,18 +106,31 @@ def write(cfg: Config, method: str, target: Target, evaluated: torch.Tensor, res
         g.create_dataset("originals", data=metrics.to_uint8(original[:k]))
         g.create_dataset("reconstructions", data=metrics.to_uint8(recon[:k]))
         attrs = {
-            "method": method, "arch": cfg.model.arch, "cut": cfg.model.cut,
-            "data": cfg.data.name, "image_shape": np.asarray(evaluated.shape[1:]),
-            **{f"defense_{k2}": float(v) for k2, v in dataclasses.asdict(cfg.defense).items()},
-            "utility_accuracy": float(target.accuracy), "utility_source": target.source,
+            **_target_attrs(cfg, method, target),
+            "image_shape": np.asarray(evaluated.shape[1:]),
             "pixel_range": metrics.PIXEL_RANGE,
             "score_formula": "1 - 1000 * MSE, MSE on [0,1] pixels",
             "psnr_formula": "10 log10(1 / MSE), data range 1",
             "ssim_settings": "Gaussian window 11x11 sigma 1.5, K1=0.01 K2=0.03, data range 1, "
                              "valid positions, mean over channels",
             "std": "population std over the evaluated images",
-            "eval_samples": len(evaluated), "config": cfg.to_json(), **info,
+            "eval_samples": len(evaluated), **info,
             **summary, **result["attrs"], "finished": now()}
         for key, v in attrs.items():
             g.attrs[key] = v
     return summary
+
+
+def write_completion(cfg: Config, target: Target, result: dict, info: dict) -> None:
+    """Add or replace ``/attack/completion``: ``completion.completion_attack``'s arrays as
+    data sets, its scalars and ``info`` as attributes (layout in docs/privacy.md)."""
+    with _new_group(cfg, "completion") as g:
+        attrs = {**_target_attrs(cfg, "completion", target),
+                 "known_labels": cfg.attack.known_labels, **info}
+        for key, v in result.items():
+            if isinstance(v, np.ndarray):
+                g.create_dataset(key, data=v)
+            else:
+                attrs[key] = v
+        for key, v in {**attrs, "finished": now()}.items():
+            g.attrs[key] = v

@@ -1,8 +1,20 @@
 """The extractor under attack, and the utility of the model it belongs to.
 
-``attack.checkpoint`` names a torch file holding an extractor state dict under "extractor",
-top level or under ["model"] or ["state"] (the last is what a splitmpi client checkpoint
-``OUTPUT.ckpt/epoch-N/rank-1.pt`` holds). When it is empty, the config's split model is
+``attack.checkpoint`` names one of:
+
+- a splitmpi run: its results file ``OUTPUT.h5`` (whose checkpoints are in
+  ``OUTPUT.h5.ckpt``, or the run's ``train.checkpoint_dir``), that checkpoint folder, or
+  one ``epoch-NNNNN`` set in it. The target is client ``attack.client``'s extractor at the
+  end of epoch ``attack.epoch`` (0: the latest saved), as the MPI run trained it: after
+  sharing, if the run shares, since the set at an epoch boundary is saved after it. Sets
+  taken within an epoch are not attacked. The run's own config (its checkpoint's identity)
+  rebuilds the network and the data; the command line gives only what the identity leaves
+  out (``checkpoint.VOLATILE``: the attack section, output, device, threads).
+- a torch file holding an extractor state dict under "extractor", top level or under
+  ["model"] or ["state"] (the last is what one client's ``epoch-N/rank-K.pt`` holds); the
+  config must then match the one it was trained with.
+
+When it is empty, the config's split model is
 trained here in one process on client 1's shard for ``train.epochs``, by the one-process
 step of ``splitmpi.monolithic`` (the run's parts, defense, NoPeek term and SGD settings)
 from client 1's seed: the network a split run with that shard as its only client trains.
@@ -14,14 +26,18 @@ off).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import torch
 from torch import nn
 
-from .. import data, monolithic
+from .. import checkpoint, data, models, monolithic, reader
+from .. import config as config_mod
 from ..config import Config
 from ..defense import Defense
 from ..errors import ConfigError
@@ -34,8 +50,10 @@ log = logging.getLogger(__name__)
 class Target:
     extractor: nn.Module  # eval mode, parameters frozen
     defense: Defense  # eval mode: noise on, dropout off
-    accuracy: float  # utility: client 1's test accuracy (NaN when unknown)
+    accuracy: float  # utility: client k's test accuracy (NaN when unknown)
     source: str
+    cloud: nn.Module | None = None  # the cloud that served the client: a run's checkpoint only
+    client: int = 1  # whose extractor (attack.client for a run, else 1)
 
 
 def clients_for(cfg: Config) -> int:
@@ -95,13 +113,154 @@ def _extractor_state(ck: dict, path: str) -> dict:
 
 def _load_into(module: nn.Module, state: dict, what: str, cfg: Config) -> None:
     try:
-        module.load_state_dict(state)
+        models.load_part(module, state)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ConfigError(f"attack.checkpoint {cfg.attack.checkpoint}: its {what} does not "
                           f"fit model.arch={cfg.model.arch} model.cut={cfg.model.cut} "
                           f"({first})", "set model.arch/model.cut/data.* to those the "
                           "checkpoint was trained with") from None
+
+
+# --- a run's checkpoint ------------------------------------------------------------------
+
+BOUNDARY = re.compile(r"epoch-\d+")  # a set at an epoch boundary; "-step-" ones are within
+
+
+def _boundary_sets(root: Path) -> list[Path]:
+    """The complete epoch-boundary sets in a checkpoint folder, oldest first."""
+    found = [p for p in root.glob("epoch-*")
+             if BOUNDARY.fullmatch(p.name) and (p / checkpoint.COMPLETE).exists()]
+    return sorted(found, key=checkpoint.epochs_of)
+
+
+def _checkpoint_root(results: Path) -> Path:
+    """Where the run of results file ``results`` saved its checkpoints: its
+    ``train.checkpoint_dir``, else beside the file."""
+    try:
+        stored = reader.read(results).config
+    except reader.NotAResult as exc:
+        raise ConfigError(f"attack.checkpoint {results}: {exc}",
+                          "pass a splitmpi results file, its checkpoint folder or a .pt "
+                          "file") from None
+    return Path(stored.get("train", {}).get("checkpoint_dir") or f"{results}.ckpt")
+
+
+def _epoch_set(cfg: Config) -> Path | None:
+    """The epoch-NNNNN set that ``attack.checkpoint`` names (see the module doc), or None
+    when it names a torch file or nothing."""
+    a, path = cfg.attack, Path(cfg.attack.checkpoint)
+    if not a.checkpoint:
+        return None
+    if not path.exists():
+        raise ConfigError(f"attack.checkpoint {path} not found",
+                          "pass a results file, its checkpoint folder, a .pt file, or "
+                          "leave attack.checkpoint empty to train the config's model first")
+    if path.is_file() and not h5py.is_hdf5(path):
+        return None
+    if path.is_dir() and path.name.startswith("epoch-"):
+        if not BOUNDARY.fullmatch(path.name):
+            raise ConfigError(f"attack.checkpoint {path} was taken within an epoch, "
+                              "where the weights are half-way through it",
+                              f"pass the checkpoint folder {path.parent}, or one of its "
+                              "epoch-NNNNN sets")
+        if not (path / checkpoint.COMPLETE).exists():
+            raise ConfigError(f"attack.checkpoint {path} is not a complete checkpoint set "
+                              f"(no {checkpoint.COMPLETE} file)",
+                              f"pass the checkpoint folder {path.parent}")
+        if a.epoch not in (0, checkpoint.epochs_of(path)):
+            raise ConfigError(f"attack.epoch={a.epoch} but attack.checkpoint {path} is "
+                              f"epoch {checkpoint.epochs_of(path)}",
+                              f"pass the checkpoint folder {path.parent} with attack.epoch")
+        return path
+    root = _checkpoint_root(path) if path.is_file() else path
+    sets = _boundary_sets(root) if root.is_dir() else []
+    if not sets:
+        within = sorted(p.name for p in root.glob("epoch-*-step-*")) if root.is_dir() else []
+        also = f" (only sets within an epoch, not attacked: {', '.join(within)})" if within \
+            else ""
+        if path.is_file():
+            raise ConfigError(f"the run of {path} saved no checkpoint at an epoch boundary "
+                              f"in {root}{also}",
+                              "rerun it with train.checkpoint_every=1 (or pass "
+                              "attack.checkpoint= the folder its checkpoints went to)")
+        raise ConfigError(f"attack.checkpoint {path} holds no checkpoint of a finished "
+                          f"epoch{also}", "pass the OUTPUT.h5.ckpt folder of a run saved "
+                          "with train.checkpoint_every=1")
+    if not a.epoch:
+        return sets[-1]
+    for found in sets:
+        if checkpoint.epochs_of(found) == a.epoch:
+            return found
+    saved = ", ".join(str(checkpoint.epochs_of(p)) for p in sets)
+    raise ConfigError(f"attack.epoch={a.epoch} was not saved in {root} (saved epochs: "
+                      f"{saved})", "set attack.epoch to a saved one, or 0 for the latest")
+
+
+def for_run(cfg: Config) -> Config:
+    """The config the attack runs with. For a run's checkpoint (see the module doc): the
+    run's config, ``clients.count`` its client count, ``attack.checkpoint`` the epoch set
+    and ``attack.epoch`` its epoch; otherwise ``cfg``. ConfigError for a set, epoch or
+    client the run does not have."""
+    folder = _epoch_set(cfg)
+    if folder is None:
+        if cfg.attack.client != 1 or cfg.attack.epoch:
+            raise ConfigError(f"attack.client={cfg.attack.client} attack.epoch="
+                              f"{cfg.attack.epoch} pick a client and an epoch of a run",
+                              "pass attack.checkpoint=OUTPUT.h5 or its checkpoint folder, "
+                              "or leave attack.client and attack.epoch at their defaults")
+        return cfg
+    identity = dict(_load_checkpoint(str(folder / "rank-0.pt")).get("identity") or {})
+    clients = int(identity.pop("world_size", 0)) - 1
+    if not 1 <= cfg.attack.client <= clients:
+        raise ConfigError(f"attack.client={cfg.attack.client} is not a client of the run "
+                          f"of {folder} (clients 1..{clients})",
+                          f"set attack.client to one of 1..{clients}")
+    given = cfg.to_dict()
+    values = {key: dict(value) if isinstance(value, dict) else value
+              for key, value in identity.items()}
+    for key, names in checkpoint.VOLATILE.items():
+        if names is None:
+            values[key] = dict(given[key]) if isinstance(given[key], dict) else given[key]
+        else:
+            values.setdefault(key, {}).update({name: given[key][name] for name in names})
+    values.setdefault("clients", {})["count"] = clients
+    values["attack"].update(checkpoint=str(folder), epoch=checkpoint.epochs_of(folder))
+    run = config_mod.from_json(json.dumps(values))
+    _warn_ignored(given, run.to_dict())
+    return run
+
+
+def _warn_ignored(given: dict, run: dict) -> None:
+    """Log the command line's settings that the run's own replace."""
+    default = Config().to_dict()
+    ignored = [f"{s}.{k}={v!r} (the run's: {run[s][k]!r})"
+               for s, section in given.items() if isinstance(section, dict) and s != "attack"
+               for k, v in section.items()
+               if v != default[s].get(k) and v != run[s].get(k)]
+    if ignored:
+        log.warning(f"the run's config replaces: {', '.join(ignored)}")
+
+
+def _run_target(cfg: Config, device: torch.device) -> Target:
+    """Client k's extractor, the cloud that served it and the output layer from the epoch
+    set ``attack.checkpoint``; utility = their accuracy on client k's test split."""
+    folder, k = Path(cfg.attack.checkpoint), cfg.attack.client
+    server, client = (_load_checkpoint(str(folder / f"rank-{r}.pt")).get("state", {})
+                      for r in (0, k))
+    serving = server.get("copies", {}).get(k, server)  # split.mode=sfl_v1: k's own copy
+    net = monolithic.build(cfg, device)
+    parts = net.parts
+    _load_into(parts.extractor, client["extractor"], "extractor", cfg)
+    _load_into(parts.cloud, serving["cloud"], "cloud", cfg)
+    # u_shape: the client's classifier; label_sharing: the server's head
+    _load_into(parts.classifier, client.get("classifier") or serving["head"], "classifier",
+               cfg)
+    _, test_loader, _ = data.client_loaders(cfg, k, cfg.clients.count)
+    acc = monolithic.evaluate(net, test_loader)["test_accuracy"]
+    freeze([parts.extractor, net.defense, parts.cloud])
+    return Target(parts.extractor, net.defense, acc,
+                  f"client {k} of {folder} (epoch {cfg.attack.epoch})", parts.cloud, k)
 
 
 # --- or trained here ----------------------------------------------------------------------
@@ -143,7 +302,10 @@ def freeze(target_parts: list[nn.Module]) -> None:
 
 
 def get_target(cfg: Config, device: torch.device) -> Target:
-    """The extractor under attack (and the utility of its model), see the module doc."""
+    """The extractor under attack (and the utility of its model), see the module doc;
+    ``cfg`` is ``for_run``'s."""
+    if cfg.attack.checkpoint and Path(cfg.attack.checkpoint).is_dir():
+        return _run_target(cfg, device)
     if not cfg.attack.checkpoint:
         net, acc = train_split_model(cfg, device)
         parts = net.parts

@@ -1,8 +1,10 @@
-"""What the inversion attacks recovered: their tables and figures.
+"""What the attacks recovered: their tables and figures.
 
 Reads the ``/attack/<method>`` groups that ``splitmpi.attack`` writes, from
 ``reader.Run.groups["attack"]``, with numpy alone (no torch): the summary attributes for
-the tables, the stored uint8 originals and reconstructions for the figures.
+the tables, the stored uint8 originals and reconstructions for the figures. And the
+label inference a training run measured with ``attack.labels=true`` (``/attack/labels``,
+``reader.Run.label_inference``).
 """
 from __future__ import annotations
 
@@ -59,6 +61,38 @@ def _fmt(v: float, digits: int = 2) -> float:
 
 
 def attack_tables(runs) -> list[Table]:
+    """The inversion tables (``inversion_tables``), then label inference
+    (``label_table``)."""
+    return inversion_tables(runs) + label_table(runs)
+
+
+def label_table(runs) -> list[Table]:
+    """Label inference from the feature gradients of each attack.labels run, per client,
+    in its last epoch: the attacks' accuracies against chance (1 / the client's classes),
+    with the label defense and the client's test accuracy. ``[]`` when no run has one."""
+    rows = []
+    for run in runs:
+        defense = run.config.get("defense", {})
+        for k, series in run.label_inference.items():
+            if not len(series["rows"]):
+                continue
+            last = {name: float(v[-1]) for name, v in series.items()}
+            rows.append({
+                "path": str(run.path), "client": k, "epoch": len(series["rows"]),
+                "grad_clip": defense.get("grad_clip", 0.0),
+                "grad_noise": defense.get("grad_noise", 0.0),
+                "cosine": _fmt(last["cosine_accuracy"], 3),
+                "cluster": _fmt(last["cluster_accuracy"], 3),
+                "cluster_known": _fmt(last["cluster_known_accuracy"], 3),
+                "norm_auc": _fmt(last["norm_auc"], 3), "chance": _fmt(last["chance"], 3),
+                "rows": int(last["rows"]) if math.isfinite(last["rows"]) else 0,
+                "test_accuracy_pct": _fmt(100 * float(run.clients[k]["test_accuracy"][-1]))})
+    title = ("Label inference from the U-shape's feature gradients (last epoch; accuracy "
+             "of the label guessed for each row the attacker did not know)")
+    return [Table(title, rows)] if rows else []
+
+
+def inversion_tables(runs) -> list[Table]:
     """(title, rows) tables: leakage by cut and method (undefended runs), and the
     privacy/utility frontier (every defense and strength against the undefended run of
     the same arch, cut and method). Accuracies in percent, their changes in points."""

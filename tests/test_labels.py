@@ -1,0 +1,123 @@
+"""Label leakage in the U-shape: the attacks on feature-gradient rows, the gradient defense,
+their settings, and a real run that measures both (docs/privacy.md, "Labels in the
+U-shape")."""
+import numpy as np
+import pytest
+import torch
+
+import mpirun
+from splitmpi import config, leakage, reader
+from splitmpi.defense import Defense
+from splitmpi.errors import ConfigError
+from splitmpi.report.attacks import attack_tables
+
+
+def gradient_rows(classes: int, n: int = 300, width: int = 64, seed: int = 0):
+    """What a linear classifier sends back: W^T (softmax - onehot(y)) / B per sample."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(classes, width))
+    y = rng.integers(0, classes, n) + 5  # labels need not start at 0
+    p = rng.dirichlet(np.ones(classes), n)
+    return (p - np.eye(classes)[y - 5]) @ w / 32, y
+
+
+def test_cosine_and_clusters_read_well_separated_rows():
+    rows, y = gradient_rows(4)
+    found = leakage.score(rows, y, known=4, rng=np.random.default_rng(0))
+    assert found["cosine_accuracy"] > 0.98
+    assert found["cluster_accuracy"] > 0.98 and found["cluster_known_accuracy"] > 0.98
+    assert found["chance"] == 0.25 and found["rows"] == 300
+    assert np.isnan(found["norm_auc"])  # four classes
+    noise = np.random.default_rng(1).normal(size=rows.shape)
+    blind = leakage.score(noise, y, known=4, rng=np.random.default_rng(0))
+    assert blind["cosine_accuracy"] < 0.4 and blind["cluster_known_accuracy"] < 0.4
+
+
+def test_matching_picks_the_best_permutation():
+    clusters = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    y = np.array([7, 7, 5, 5, 5, 5, 6, 6, 6, 7])
+    assert leakage.match_clusters(clusters, y) == {0: 7, 1: 5, 2: 6}
+    # the known rows name the clusters by majority; a cluster without one has no name
+    known = np.array([1, 1, 1, 0, 0, 0, 1, 0, 0, 0], dtype=bool)
+    assert leakage.name_clusters(clusters, y, known) == {0: 7, 2: 6}
+
+
+def test_norm_auc_on_two_classes():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 50)
+    norms = np.where(y == 1, 2.0, 1.0) + rng.uniform(0, 0.5, 100)  # class 1 larger: separable
+    rows = norms[:, None] * leakage.directions(rng.normal(size=(100, 8)))
+    known = leakage.known_rows(y, 4)
+    assert leakage.norm_auc(rows, y, known) == pytest.approx(1.0)
+    # the attacker picks the side from its known rows, so the smaller class does as well
+    assert leakage.norm_auc(rows, 1 - y, leakage.known_rows(1 - y, 4)) == pytest.approx(1.0)
+    even = rng.uniform(1, 2, 100)[:, None] * leakage.directions(rng.normal(size=(100, 8)))
+    assert abs(leakage.norm_auc(even, y, known) - 0.5) < 0.2
+    assert np.isnan(leakage.norm_auc(rows, y % 3 + np.arange(100) % 3, known))
+
+
+def test_gradient_defense_clips_each_sample_and_adds_noise():
+    g = torch.randn(8, 16) * torch.arange(1, 9)[:, None] / 8
+    off = Defense(config.load(None, []).defense)
+    assert off.gradient(g) is g
+    clip = Defense(config.load(None, ["defense.grad_clip=0.5"]).defense)
+    per_sample = clip.gradient(g).reshape(8, -1).norm(dim=1) * 8
+    assert torch.allclose(per_sample, (g.norm(dim=1) * 8).clamp(max=0.5))
+    torch.manual_seed(0)
+    noisy = Defense(config.load(None, ["defense.grad_clip=0.5", "defense.grad_noise=2"]).defense)
+    noisy = noisy.gradient(torch.zeros(8, 4096))
+    assert (noisy * 8).std().item() == pytest.approx(1.0, rel=0.05)  # 2 x the clip norm
+
+
+@pytest.mark.parametrize("override, words", [
+    (["split.topology=label_sharing", "attack.labels=true"], "attack.labels"),
+    (["split.topology=label_sharing", "defense.grad_clip=1"], "defense.grad_clip"),
+    (["defense.grad_noise=1"], "defense.grad_clip"),
+    (["defense.grad_clip=-1"], "at least 0"),
+    (["defense.grad_clip=1", "defense.grad_noise=-0.5"], "at least 0"),
+    (["attack.label_rows=0"], "attack.label_rows"),
+    (["attack.known_labels=0"], "attack.known_labels"),
+])
+def test_bad_label_settings_exit_2(override, words):
+    with pytest.raises(ConfigError, match=words):
+        config.load(None, override)
+
+
+def last_epoch(path):
+    run = reader.read(path)
+    return run, {k: {name: float(v[-1]) for name, v in series.items()}
+                 for k, series in run.label_inference.items()}
+
+
+RUN = ("data.image_size=16", "train.epochs=2", "data.partition=[[0,1],[2,3,4]]",
+       "attack.labels=true", "attack.label_rows=256")
+
+
+def test_feature_gradients_leak_the_labels_and_the_audit_stays_clean(tmp_path):
+    mpirun.ok(3, *RUN, "audit=true", "output=a.h5", cwd=tmp_path)
+    run, found = last_epoch(tmp_path / "a.h5")
+    print({k: {n: round(v, 3) for n, v in f.items()} for k, f in found.items()})
+    assert run.label_inference[1]["rows"].tolist() == [256, 256]
+    for k, f in found.items():
+        assert f["cosine_accuracy"] > 0.9 and f["cluster_known_accuracy"] > 0.9, f
+        assert f["chance"] == (0.5 if k == 1 else 1 / 3)
+    assert np.isfinite(found[1]["norm_auc"]) and np.isnan(found[2]["norm_auc"])
+    audit = run.groups["audit"]
+    assert all(audit[k]["label_matches"].sum() == 0 for k in ("1", "2"))
+    (table,) = [rows for title, rows in attack_tables([run]) if "Label inference" in title]
+    assert [r["client"] for r in table] == [1, 2]
+
+
+def test_clipped_noisy_gradients_hide_the_labels(tmp_path):
+    mpirun.ok(3, *RUN, "defense.grad_clip=0.1", "defense.grad_noise=1", "output=d.h5",
+              cwd=tmp_path)
+    run, found = last_epoch(tmp_path / "d.h5")
+    print({k: {n: round(v, 3) for n, v in f.items()} for k, f in found.items()},
+          {k: (s["train_loss"].round(3).tolist(), s["test_accuracy"].round(3).tolist())
+           for k, s in run.clients.items()})
+    for f in found.values():
+        assert f["cosine_accuracy"] < f["chance"] + 0.25, f
+        assert f["cluster_known_accuracy"] < f["chance"] + 0.25, f
+    for series in run.clients.values():  # the classifier still learns on its true gradient
+        assert np.isfinite(series["train_loss"]).all()
+        assert series["train_loss"][-1] < series["train_loss"][0]
