@@ -75,7 +75,8 @@ def prepare(ctx: Context) -> Client:
     optimizer = models.sgd([extractor, classifier], cfg.train)
     torch.manual_seed(cfg.train.seed * 1000 + ctx.rank)
     audit = ClientAudit(ctx.transport) if cfg.audit else None
-    return Client(extractor, classifier, Defense(cfg.defense), optimizer, train_loader,
+    defense = Defense(cfg.defense, cfg.train.epochs)
+    return Client(extractor, classifier, defense, optimizer, train_loader,
                   test_loader, classes, audit)
 
 

@@ -256,10 +256,33 @@ class DefenseConfig:
     grad_noise: float = 0.0
     """u_shape: Gaussian noise added to each clipped feature-gradient row, its std in units
     of ``grad_clip`` (std = grad_noise * grad_clip); needs grad_clip > 0."""
+    act_clip: float = 0.0
+    """Differentially private activations: the largest L2 norm of each sample's activation
+    row sent; Gaussian noise of std sigma * act_clip is added to each entry, training and
+    eval; 0 = off (docs/privacy.md, splitmpi/accountant.py)."""
+    act_epsilon: float = 0.0
+    """With act_clip: the epsilon spent after train.epochs epochs, at act_delta; sigma is
+    solved for it. 0 = no noise (clipping only, epsilon infinite)."""
+    act_delta: float = 1e-5
+    """The delta of act_epsilon, in (0, 1)."""
 
     def validate(self) -> None:
         _at_least(0, "defense", self, "noise_sigma", "nopeek_alpha", "grad_clip",
-                  "grad_noise")
+                  "grad_noise", "act_clip", "act_epsilon")
+        if not 0 < self.act_delta < 1:
+            raise ConfigError(f"defense.act_delta={self.act_delta} is not a probability "
+                              "between 0 and 1", "set defense.act_delta in (0, 1), e.g. 1e-5")
+        if self.act_epsilon > 0 and self.act_clip == 0:
+            raise ConfigError(f"defense.act_epsilon={self.act_epsilon} needs clipped "
+                              "activations, but defense.act_clip=0",
+                              "set defense.act_clip > 0 too, about the activations' typical "
+                              "row norm (docs/privacy.md)")
+        if self.act_clip > 0 and self.noise_sigma > 0:
+            raise ConfigError(f"defense.act_clip={self.act_clip} adds its own noise, and "
+                              f"defense.noise_sigma={self.noise_sigma} would add more that "
+                              "the accountant does not count",
+                              "drop defense.noise_sigma (set it to 0), or drop "
+                              "defense.act_clip")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"defense.dropout={self.dropout} is not a probability below 1",
                               "set defense.dropout to at least 0 and below 1")
@@ -429,6 +452,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value
         elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        elif kind is float and isinstance(value, str) and _is_float(value):
+            return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
         elif kind in (str, list) and isinstance(value, kind):
             return value
     allowed = choices(annotation)
@@ -437,6 +462,14 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     names = " or ".join(kind.__name__ for kind in kinds)
     raise ConfigError(f"{key} must be {names}, got {value!r}",
                       f"set {key} to a {names} value")
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def field_types(section: Any) -> dict:

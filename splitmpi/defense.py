@@ -2,6 +2,10 @@
 
 - Gaussian noise (``defense.noise_sigma``) on every activation sent, training and eval:
   the attacker sees what is sent, so the noise must be there at inference too.
+- Differentially private activations (``defense.act_clip``, ``defense.act_epsilon``):
+  each sample's row clipped to L2 norm act_clip, then noise of std sigma * act_clip, training
+  and eval; sigma is solved by ``accountant.sigma_of`` so that the run's ``train.epochs``
+  spend ``act_epsilon`` at ``act_delta``.
 - Dropout on the cut (``defense.dropout``), training only.
 - NoPeek (``defense.nopeek_alpha``): alpha * distance correlation between the inputs and
   the activations, added to the client's loss so the extractor learns to decorrelate them.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import accountant
 from .config import DefenseConfig
 
 
@@ -36,9 +41,16 @@ def _centred_distances(v: torch.Tensor) -> torch.Tensor:
 
 
 class Defense(nn.Module):
-    def __init__(self, cfg: DefenseConfig):
+    def __init__(self, cfg: DefenseConfig, epochs: int | None = None):
+        """``epochs``: the run's ``train.epochs``, which the DP noise is solved over; needed
+        only with ``defense.act_epsilon``."""
         super().__init__()
         self.sigma = cfg.noise_sigma
+        self.act_clip = cfg.act_clip
+        if cfg.act_clip > 0 and cfg.act_epsilon > 0 and epochs is None:
+            raise ValueError("defense.act_epsilon solves the noise over the run's epochs: "
+                             "pass Defense(cfg.defense, cfg.train.epochs)")
+        self.act_sigma = accountant.sigma_of(cfg, epochs or 0)  # relative to act_clip
         self.alpha = cfg.nopeek_alpha
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.clip = cfg.grad_clip
@@ -47,9 +59,22 @@ class Defense(nn.Module):
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         """The tensor actually sent for activation ``a`` (gradients flow through)."""
         a = self.dropout(a)
+        if self.act_clip > 0:
+            a = self.privatise(a)
         if self.sigma > 0:
             a = a + self.sigma * torch.randn_like(a)
         return a
+
+    def privatise(self, a: torch.Tensor) -> torch.Tensor:
+        """Each sample's row of ``a`` (flattened) clipped to L2 norm ``act_clip``, then
+        Gaussian noise of std ``act_sigma * act_clip`` on each entry (after dropout, so its
+        scaling cannot undo the clip)."""
+        rows = a.flatten(1)  # (samples, values); also for a batch of 0 rows
+        norms = rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        rows = rows * (self.act_clip / norms).clamp(max=1)
+        if self.act_sigma > 0:
+            rows = rows + (self.act_sigma * self.act_clip) * torch.randn_like(rows)
+        return rows.reshape(a.shape)
 
     def penalty(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
         """The NoPeek loss term, or None when it is off."""

@@ -41,7 +41,7 @@ def build(cfg: Config, device: torch.device) -> Network:
     for m in (parts.extractor, parts.cloud, parts.classifier):
         m.to(device)
     optimizer = models.sgd([parts.extractor, parts.cloud, parts.classifier], cfg.train)
-    return Network(parts, Defense(cfg.defense), optimizer, device, cfg.train.amp)
+    return Network(parts, Defense(cfg.defense, cfg.train.epochs), optimizer, device, cfg.train.amp)
 
 
 def step(net: Network, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:

@@ -46,6 +46,13 @@ class Run:
         return {int(k): v for k, v in sorted(found.items(), key=lambda kv: int(kv[0]))
                 if not k.startswith("@")}
 
+    @property
+    def epsilon(self) -> np.ndarray | None:
+        """``/privacy/epsilon`` (defense.act_clip > 0 runs): the epsilon spent at
+        defense.act_delta after each epoch by the DP activations; None for other runs."""
+        found = self.groups.get("privacy", {}).get("epsilon")
+        return None if found is None else np.asarray(found, dtype=np.float64)
+
     def final(self, series: str = "test_accuracy") -> dict[int, float]:
         """Each client's last value of ``series`` (NaN for a client with no epoch yet)."""
         return {k: float(v[series][-1]) if len(v[series]) else float("nan")

@@ -11,6 +11,9 @@ Layout (every series has one row per finished epoch):
                         label_matches (messages that carried raw inputs / labels)
   /attack/labels/<k>/<series>  float64, attack.labels=true only: label inference from the
                         feature gradients client k sent (leakage.SERIES)
+  /privacy/epsilon      float64, defense.act_clip > 0 only: the epsilon spent (at
+                        defense.act_delta) after each epoch by the DP activations
+                        (accountant.spent); attrs: sigma, delta
 
 Structure is created up front; rows are appended and flushed each epoch, so a killed job
 leaves a readable file holding every finished epoch.
@@ -25,7 +28,7 @@ import h5py
 import numpy as np
 from mpi4py import MPI
 
-from . import __version__
+from . import __version__, accountant
 from .audit import SERIES as AUDIT_SERIES
 from .config import Config
 from .errors import ConfigError
@@ -109,11 +112,22 @@ class ResultsWriter:
         if cfg.attack.labels:
             self._label_series(clients, 0)
         self.file.create_dataset("epochs/seconds", shape=(0,), maxshape=(None,), dtype="f8")
+        self._privacy(cfg)
         for name in COMM_COUNTERS:
             self.file.create_dataset(f"comm/{name}", shape=(0, world_size),
                                      maxshape=(None, world_size), dtype="i8")
         self.previous = np.zeros((len(COMM_COUNTERS), world_size), dtype=np.int64)
         self.file.flush()
+
+    def _privacy(self, cfg: Config) -> None:
+        """The /privacy/epsilon series of a run with DP activations (none otherwise): a
+        function of the epoch and the config, so rank 0 computes it itself."""
+        self.cfg = cfg
+        if cfg.defense.act_clip > 0 and "privacy/epsilon" not in self.file:
+            series = self.file.create_dataset("privacy/epsilon", shape=(0,), maxshape=(None,),
+                                              dtype="f8")
+            series.attrs["sigma"] = accountant.sigma_of(cfg.defense, cfg.train.epochs)
+            series.attrs["delta"] = cfg.defense.act_delta
 
     def _label_series(self, clients: int, epochs: int) -> None:
         """The /attack/labels series, NaN for the ``epochs`` a resumed run did not measure."""
@@ -130,7 +144,7 @@ class ResultsWriter:
         self.file = h5py.File(cfg.output, "r+")
         attrs = self.file.attrs
         for name, item in self.file.items():
-            if name in ("clients", "epochs", "comm", "audit"):
+            if name in ("clients", "epochs", "comm", "audit", "privacy"):
                 item.visititems(lambda _, d: d.resize(epochs, axis=0)
                                 if isinstance(d, h5py.Dataset) else None)
         if "attack/labels" in self.file:
@@ -138,6 +152,7 @@ class ResultsWriter:
                                                   if isinstance(d, h5py.Dataset) else None)
         elif cfg.attack.labels:
             self._label_series(clients, epochs)
+        self._privacy(cfg)
         if "finished" in attrs:
             del attrs["finished"]
         attrs["resumed"] = np.append(attrs.get("resumed", np.zeros(0, np.int64)), epochs)
@@ -166,6 +181,10 @@ class ResultsWriter:
                     self._append(self.file[f"attack/labels/{k}/{name}"],
                                  found.get(name, np.nan))
         self._append(self.file["epochs/seconds"], seconds)
+        if "privacy/epsilon" in self.file:
+            done = self.file["epochs/seconds"].shape[0]
+            self._append(self.file["privacy/epsilon"],
+                         accountant.spent(self.cfg.defense, self.cfg.train.epochs, done))
         totals = np.array([[server[c]] + [reports[k][c] for k in sorted(reports)]
                            for c in COMM_COUNTERS], dtype=np.int64)
         for i, name in enumerate(COMM_COUNTERS):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, models, results, schedule, sharing
+from . import accountant, checkpoint, models, results, schedule, sharing
 from .audit import ServerAudit
 from .logs import Pace, Progress
 from .runtime import SERVER, Context, clock_offsets
@@ -225,6 +225,12 @@ def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int 
                          f"{found['cluster_known_accuracy']:.3f}), norm AUC "
                          f"{found['norm_auc']:.3f}, chance {found['chance']:.3f}")
         writer.append_epoch(seconds, reports, ctx.transport.counters())
+        if cfg.defense.act_clip > 0:
+            log.info(f"{title} DP activations: epsilon "
+                     f"{accountant.spent(cfg.defense, cfg.train.epochs, epoch + 1):.4f} at delta "
+                     f"{cfg.defense.act_delta:g} (sigma "
+                     f"{accountant.sigma_of(cfg.defense, cfg.train.epochs):.4f} x act_clip "
+                     f"{cfg.defense.act_clip:g})")
         log.info(f"{title} done in {seconds:.1f} s")
         stop = bool(ctx.stop.signal) or any(r["stop_requested"] for r in reports.values())
         every = cfg.train.checkpoint_every

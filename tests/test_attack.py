@@ -1,8 +1,12 @@
 """Inversion attacks and defenses on tiny data: the attacks learn, the defenses change what
 is sent, and results round-trip through the HDF5 file and splitmpi.reader."""
+import importlib.util
+import json
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -15,11 +19,11 @@ from splitmpi import config, data, models, reader, results
 from splitmpi.attack.cli import main
 from splitmpi.attack.decoder import build_decoder, decoder_attack, stage_shapes
 from splitmpi.attack.images import attack_images
-from splitmpi.attack.output import write
 from splitmpi.attack.rmle import rmle
 from splitmpi.attack.target import Target, freeze, observe, train_split_model
 from splitmpi.config import DefenseConfig
 from splitmpi.defense import Defense, distance_correlation
+from splitmpi.report import attacks as report_attacks
 from splitmpi.results import ResultsWriter
 
 TINY = ["data.image_size=16", "data.train_size=240", "data.test_size=60", "train.epochs=1",
@@ -347,32 +351,117 @@ def swept(proc: subprocess.CompletedProcess) -> dict[str, str]:
     return dict(re.findall(r"\[\d+/\d+\] (\S+): (.*)", proc.stdout))
 
 
-def test_privacy_sweep_cells_and_skipping(tmp_path):
-    proc = privacy_sweep("--dry-run", "--out", tmp_path, "--cuts", "1", "2", "--noise", "0.5",
-                         "--nopeek", "2", "--dropout", "--defense-cuts", "1")
+@pytest.fixture
+def sweep_main(monkeypatch, capsys):
+    """jobs/privacy_sweep.py's ``main`` in this process (a dry run needs no subprocess):
+    argv -> (exit status, stdout, stderr)."""
+    monkeypatch.syspath_prepend(str(mpirun.ROOT / "jobs"))
+    spec = importlib.util.spec_from_file_location("privacy_sweep",
+                                                  mpirun.ROOT / "jobs" / "privacy_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(*args):
+        rc = module.main([str(a) for a in args])
+        said = capsys.readouterr()
+        return subprocess.CompletedProcess(args, rc, said.out, said.err)
+    return run
+
+
+def test_privacy_sweep_matrix_cells_commands_and_bad_input(tmp_path, sweep_main):
+    """A dry run lists every cell (cut x defense x strength) with its MPI training run and
+    the attacks on it, all into the cell's one file, and writes nothing; bad input exits 2
+    before anything runs."""
+    proc = sweep_main("--dry-run", "--out", tmp_path, "--cuts", "1", "2", "--noise", "0.5",
+                      "--nopeek", "--dropout", "--grad", "0.5", "--grad-clip", "0.1",
+                      "--dp", "--defense-cuts", "1", "--clients", "2")
     assert proc.returncode == 0, proc.stderr
-    assert list(swept(proc)) == ["cnn5-cut1-none", "cnn5-cut1-noise0.5", "cnn5-cut1-nopeek2",
-                                 "cnn5-cut2-none"]
-    proc = privacy_sweep("--dry-run", "--out", tmp_path, "--noise", "--nopeek", "--dropout",
-                         "--", "model.arch=resnet50")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("splitmpi.attack") == 3 and "model.cut=layer3" in proc.stdout
-    assert privacy_sweep("--dry-run", "--", "model.arch=vgg").returncode == 2
-    assert not list(tmp_path.iterdir())  # a dry run writes nothing
-    # a cell is done once its file holds every requested method; the cells that are not
-    # done run their attack, which here fails at once (no such checkpoint)
-    path = tmp_path / "cnn5-cut1-none.h5"
-    cfg = config.load(None, [f"attack.output={path}"])
-    ev = torch.zeros(2, 3, 16, 16)
-    t = Target(nn.Sequential(), None, 0.5, "test")
-    write(cfg, "decoder", t, ev, {"reconstruction": ev, "series": {}, "attrs": {}}, {})
-    missing = f"attack.checkpoint={tmp_path / 'missing.pt'}"
-    cells = ("--out", tmp_path, "--noise", "--nopeek", "--dropout", "--cuts")
-    proc = privacy_sweep(*cells, "1", "2", "--method", "decoder", "--", missing)
     said = swept(proc)
-    assert said["cnn5-cut1-none"] == "done, skipped", proc.stdout
-    assert said["cnn5-cut2-none"].startswith("FAILED"), proc.stdout  # no file yet
+    assert list(said) == ["cnn5-cut1-none", "cnn5-cut1-noise0.5", "cnn5-cut1-grad0.5",
+                          "cnn5-cut2-none"]
+    train, decoder, completion = said["cnn5-cut1-grad0.5"].split(" && ")
+    out = tmp_path / "cnn5-cut1-grad0.5.h5"
+    assert train.split()[1:3] == ["-n", "3"] and "-m splitmpi " in train
+    for key in ("model.cut=1", "defense.grad_clip=0.1", "defense.grad_noise=0.5",
+                "attack.labels=true", "train.checkpoint_every=5", f"output={out}"):
+        assert key in train.split(), key
+    for cmd, method in ((decoder, "decoder"), (completion, "completion")):
+        assert "-m splitmpi.attack" in cmd and f"attack.method={method}" in cmd.split()
+        assert f"attack.checkpoint={out}" in cmd.split() and f"output={out}" in cmd.split()
+    proc = sweep_main("--dry-run", "--out", tmp_path, "--defenses", "none", "--method",
+                      "rmle", "--", "model.arch=resnet50", "train.epochs=2")
+    assert proc.returncode == 0, proc.stderr
+    assert list(swept(proc)) == ["resnet50-cutlayer1-none", "resnet50-cutlayer2-none",
+                                 "resnet50-cutlayer3-none"]
+    assert proc.stdout.count("attack.method=rmle") == 3 and "checkpoint_every=2" in proc.stdout
+    dp = sweep_main("--dry-run", "--out", tmp_path, "--cuts", "1", "--defenses", "dp",
+                    "--dp", "4", "--dp-clip", "2")
+    if "act_clip" in dp.stderr:  # this splitmpi has no DP activations: refused, not run
+        assert dp.returncode == 2
+    else:
+        assert dp.returncode == 0, dp.stderr
+        assert list(swept(dp)) == ["cnn5-cut1-dp4"] and "defense.act_clip=2" in dp.stdout
+    for bad in (["--dropout", "1.5"], ["--noise", "0"], ["--grad", "-1"],
+                ["--only", "nothing*"], ["--", "output=x.h5"], ["--", "model.arch=vgg"]):
+        proc = sweep_main("--dry-run", "--out", tmp_path, *bad)
+        assert proc.returncode == 2 and "privacy_sweep: error:" in proc.stderr, bad
+    with pytest.raises(SystemExit) as exc:  # argparse: an unknown defense
+        sweep_main("--dry-run", "--defenses", "shield")
+    assert exc.value.code == 2
+    proc = privacy_sweep("--dry-run", "--out", tmp_path, "--only", "cnn5-cut1-none")
+    assert proc.returncode == 0 and list(swept(proc)) == ["cnn5-cut1-none"], proc.stderr
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def matrix_cell(run: Path, path: Path, defense: dict, psnr: float, labels: float,
+                completion: float) -> None:
+    """A copy of a finished MPI run as a cell of the matrix: its defense, and the groups
+    of label inference (every client, every epoch), the decoder and model completion."""
+    shutil.copy(run, path)
+    with h5py.File(path, "a") as f:
+        cfg = json.loads(f.attrs["config"])
+        cfg["defense"].update(defense)
+        f.attrs["config"] = json.dumps(cfg)
+        epochs = len(f["epochs"]["seconds"]) if "seconds" in f["epochs"] else 2
+        for k in (1, 2):
+            g = f.require_group(f"attack/labels/{k}")
+            for name, v in (("cosine_accuracy", labels - 0.1 * k), ("cluster_accuracy", labels),
+                            ("cluster_known_accuracy", labels), ("norm_auc", 0.5),
+                            ("chance", 0.5), ("rows", 64)):
+                g[name] = np.full(epochs, v, dtype=np.float64)
+        f.require_group("attack/decoder").attrs.update({"psnr_mean": psnr, "ssim_mean": 0.5})
+        f.require_group("attack/completion").attrs.update({"accuracy": completion,
+                                                           "chance": 0.5})
+
+
+def test_privacy_sweep_skips_finished_cells_and_reports_the_matrix(split_run, tmp_path,
+                                                                  sweep_main):
+    none, noise = tmp_path / "cnn5-cut2-none.h5", tmp_path / "cnn5-cut2-noise0.5.h5"
+    matrix_cell(split_run, none, {}, 20.0, 0.9, 0.8)
+    matrix_cell(split_run, noise, {"noise_sigma": 0.5}, 12.0, 0.6, 0.7)
+    cells = ("--out", tmp_path, "--cuts", "2", "--defenses", "none", "noise", "--noise", "0.5")
+    proc = sweep_main(*cells)
+    assert proc.returncode == 0, proc.stderr
+    assert swept(proc) == {"cnn5-cut2-none": "done, skipped",
+                           "cnn5-cut2-noise0.5": "done, skipped"}
+    assert "Attack x defense matrix" in proc.stdout
+    # a finished run that lacks a requested attack gets only that attack: here it fails at
+    # once (the copy has no checkpoints), and the sweep says so
+    proc = sweep_main(*cells, "--only", "*-none", "--method", "completion", "rmle")
     assert proc.returncode == 1 and "cnn5-cut2-none" in proc.stderr
-    proc = privacy_sweep(*cells, "1", "--method", "both", "--", missing)
-    assert swept(proc)["cnn5-cut1-none"].startswith("FAILED"), proc.stdout  # no rmle yet
-    assert proc.returncode == 1
+    assert swept(proc)["cnn5-cut2-none"].startswith("FAILED (exit 2 in attack.method=rmle")
+    assert "splitmpi.attack" in (tmp_path / "cnn5-cut2-none.log").read_text()
+
+    runs = [reader.read(p) for p in (none, noise)]
+    rows = report_attacks.matrix_table(runs)[0].rows
+    accuracy = 100 * np.mean([c["test_accuracy"][-1] for c in runs[0].clients.values()])
+    assert [(r["cut"], r["defense"], r["strength"]) for r in rows] == [(2, "none", 0.0),
+                                                                     (2, "noise", 0.5)]
+    assert rows[0]["accuracy_pct"] == pytest.approx(accuracy, abs=0.01)
+    assert [r["psnr_db"] for r in rows] == [20.0, 12.0]
+    assert [r["label_inference"] for r in rows] == [0.9, 0.6]  # best of cosine and cluster
+    assert [r["completion"] for r in rows] == [0.8, 0.7] and rows[0]["ssim"] == 0.5
+    paths = report_attacks.plot_matrix(runs, tmp_path / "figs")
+    assert [p.name for p in paths] == ["privacy_frontier_cnn5.png",
+                                       "privacy_heatmap_cnn5_cut2.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)

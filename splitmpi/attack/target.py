@@ -68,7 +68,8 @@ def clients_for(cfg: Config) -> int:
 
 def describe_defense(cfg: Config) -> str:
     """The defense settings that are on, e.g. "noise_sigma=0.5", or "none"."""
-    on = [f"{k}={v:g}" for k, v in dataclasses.asdict(cfg.defense).items() if v]
+    on = [f"{k}={v:g}" for k, v in dataclasses.asdict(cfg.defense).items()
+          if v and (k != "act_delta" or cfg.defense.act_epsilon)]
     return ", ".join(on) or "none"
 
 

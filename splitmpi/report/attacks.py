@@ -38,11 +38,10 @@ def attack_records(runs) -> list[dict]:
             if not isinstance(g, dict) or "@psnr_mean" not in g:
                 continue
             attrs = {k[1:]: g[k] for k in g if k.startswith("@")}
-            defense = {d: _num(attrs.get(f"defense_{d}", 0.0)) for d in DEFENSES}
-            active = [d for d in DEFENSES if defense[d] > 0]
-            kind = "+".join(d.split("_")[0] for d in active) or "none"
-            strength = defense[active[0]] if len(active) == 1 else (0.0 if not active else
-                                                                     float("nan"))
+            # the run's defense section (every defense key), else the group's attributes
+            defense = (getattr(run, "config", None) or {}).get("defense") or {
+                d: attrs.get(f"defense_{d}", 0.0) for d in DEFENSES}
+            kind, strength = _cell_defense(defense)
             cut = attrs.get("cut", "")
             cut = int(cut) if isinstance(cut, (int, np.integer)) else _text(cut)
             records.append({
@@ -174,4 +173,169 @@ def plot_attack(runs, outdir) -> list[Path]:
         a2.set(xlabel="cut", ylabel="SSIM", title=f"{arch}: SSIM by cut")
         a1.legend(fontsize=8)
         paths.append(save(fig, outdir / f"attack_by_cut_{slug(arch)}.png"))
+    return paths
+
+
+# --- the attack x defense matrix (jobs/privacy_sweep.py: real runs, attacked afterwards) ---
+
+# (defense kind, the defense key whose value is its strength), in the matrix's row order
+MATRIX_DEFENSES = (("noise", "noise_sigma"), ("nopeek", "nopeek_alpha"),
+                   ("dropout", "dropout"), ("grad", "grad_noise"), ("gradclip", "grad_clip"),
+                   ("dp", "act_epsilon"), ("actclip", "act_clip"))
+_SETUP = {"grad": "gradclip", "dp": "actclip"}  # grad_noise needs grad_clip, act_epsilon act_clip
+
+
+def _cell_defense(defense: dict) -> tuple[str, float]:
+    """(kind, strength) of a run's defense section: 'none', one kind, or 'a+b' (NaN)."""
+    active = [(kind, _num(defense.get(key, 0.0))) for kind, key in MATRIX_DEFENSES
+              if _num(defense.get(key, 0.0)) > 0]
+    kinds = {k for k, _ in active}
+    active = [(k, v) for k, v in active
+              if not (k in _SETUP.values() and any(_SETUP.get(o) == k for o in kinds))]
+    if not active:
+        return "none", 0.0
+    if len(active) == 1:
+        return active[0]
+    return "+".join(k for k, _ in active), float("nan")
+
+
+def matrix_records(runs) -> list[dict]:
+    """One record per training run (clients and test accuracies) that carries label
+    inference (``attack.labels=true``, as every cell of jobs/privacy_sweep.py) or a
+    completion group; a run with an inversion group alone is left to
+    ``inversion_tables``. The record: its cut, defense, the clients' mean final test accuracy,
+    decoder PSNR/SSIM, label inference (per client the best of cosine and cluster accuracy
+    in the last epoch, mean over clients) and model-completion accuracy."""
+    records = []
+    for run in runs:
+        clients = getattr(run, "clients", {}) or {}
+        groups = (getattr(run, "groups", {}) or {}).get("attack", {})
+        labels = getattr(run, "label_inference", {}) or {}
+        if not clients or not (labels or "completion" in groups):
+            continue  # a matrix cell measured label inference (or was completed)
+        cfg = run.config or {}
+        kind, strength = _cell_defense(cfg.get("defense", {}))
+        accs = [float(c["test_accuracy"][-1]) for c in clients.values()
+                if len(c.get("test_accuracy", []))]
+        best, chance = [], []
+        for series in labels.values():
+            if len(series["rows"]):
+                best.append(max(float(series["cosine_accuracy"][-1]),
+                                float(series["cluster_accuracy"][-1])))
+                chance.append(float(series["chance"][-1]))
+        g = {m: groups.get(m, {}) for m in ("decoder", "rmle", "completion")}
+        cut = cfg.get("model", {}).get("cut", "")
+        eps = getattr(run, "epsilon", None)  # DP activations: the epsilon spent at the end
+        records.append({
+            "path": str(run.path), "arch": _text(cfg.get("model", {}).get("arch", "")),
+            "cut": cut, "defense": kind, "strength": strength,
+            "label": "none" if kind == "none" else f"{kind} {strength:g}",
+            "accuracy": float(np.mean(accs)) if accs else float("nan"),
+            "psnr": _num(g["decoder"].get("@psnr_mean")),
+            "ssim": _num(g["decoder"].get("@ssim_mean")),
+            "rmle_psnr": _num(g["rmle"].get("@psnr_mean")),
+            "labels": float(np.nanmean(best)) if best else float("nan"),
+            "labels_chance": float(np.mean(chance)) if chance else float("nan"),
+            "completion": _num(g["completion"].get("@accuracy")),
+            "completion_chance": _num(g["completion"].get("@chance")),
+            "epsilon": float(eps[-1]) if eps is not None and len(eps) else float("nan"),
+            "finished": bool(getattr(run, "finished", True))})
+    kinds = [k for k, _ in MATRIX_DEFENSES]
+    return sorted(records, key=lambda r: (r["arch"], natural(r["cut"]), r["defense"] != "none",
+                                          kinds.index(r["defense"]) if r["defense"] in kinds
+                                          else len(kinds), r["defense"], r["strength"]))
+
+
+def matrix_table(runs) -> list[Table]:
+    """The attack x defense matrix, one row per cell (run): accuracy in percent, decoder
+    PSNR (dB) and SSIM, label inference and completion accuracy (with chance)."""
+    records = matrix_records(runs)
+    rmle = any(math.isfinite(r["rmle_psnr"]) for r in records)
+    dp = any(math.isfinite(r["epsilon"]) for r in records)
+    rows = [{"arch": r["arch"], "cut": r["cut"], "defense": r["defense"],
+             "strength": _fmt(r["strength"], 4), "accuracy_pct": _fmt(100 * r["accuracy"]),
+             "psnr_db": _fmt(r["psnr"]), "ssim": _fmt(r["ssim"], 3),
+             "label_inference": _fmt(r["labels"], 3), "label_chance": _fmt(r["labels_chance"], 3),
+             "completion": _fmt(r["completion"], 3),
+             "completion_chance": _fmt(r["completion_chance"], 3),
+             **({"rmle_psnr_db": _fmt(r["rmle_psnr"])} if rmle else {}),
+             **({"epsilon": _fmt(r["epsilon"])} if dp else {}),
+             "status": "finished" if r["finished"] else "unfinished"}
+            for r in records]
+    title = ("Attack x defense matrix (one training run per cell: clients' mean final test "
+             "accuracy; decoder PSNR/SSIM and completion on client attack.client's last "
+             "checkpoint; label inference = best of cosine/cluster, mean over clients, last "
+             "epoch)")
+    return [Table(title, rows)] if rows else []
+
+
+MATRIX_METRICS = (("psnr", "decoder PSNR (dB)"), ("ssim", "decoder SSIM"),
+                  ("labels", "label inference accuracy"), ("completion", "completion accuracy"))
+
+
+def plot_matrix(runs, outdir) -> list[Path]:
+    """Per arch: ``privacy_frontier_<arch>.png``, accuracy against each attack's success
+    (one panel per attack, one series per cut, a point per cell labelled by its defense),
+    and per cut ``privacy_heatmap_<arch>_cut<cut>.png`` (rows defense+strength, columns the
+    attacks, colour = attack success scaled per column, text = the metric and accuracy)."""
+    records = matrix_records(runs)
+    if not records:
+        return []
+    plt = pyplot()
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for arch in sorted({r["arch"] for r in records}):
+        mine = [r for r in records if r["arch"] == arch]
+        metrics = [(k, t) for k, t in MATRIX_METRICS
+                   if any(math.isfinite(r[k]) for r in mine)]
+        if not metrics:
+            continue
+        cuts = sorted({r["cut"] for r in mine}, key=natural)
+        fig, axes = plt.subplots(1, len(metrics), squeeze=False,
+                                 figsize=(4.2 * len(metrics), 3.6))
+        for ax, (key, title) in zip(axes[0], metrics):
+            for cut in cuts:
+                rows = [r for r in mine if r["cut"] == cut and math.isfinite(r[key])]
+                if not rows:
+                    continue
+                ax.plot([r[key] for r in rows], [100 * r["accuracy"] for r in rows], "o",
+                        label=f"cut {cut}")
+                for r in rows:
+                    ax.annotate(r["label"], (r[key], 100 * r["accuracy"]), fontsize=6,
+                                xytext=(3, 2), textcoords="offset points")
+            ax.set(xlabel=title + " (right: attack succeeds)", ylabel="test accuracy (%)",
+                   title=title.split(" (")[0])
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{arch}: privacy/utility frontier per attack", fontsize=9)
+        paths.append(save(fig, outdir / f"privacy_frontier_{slug(arch)}.png"))
+        for cut in cuts:
+            rows = [r for r in mine if r["cut"] == cut]
+            cols = [(k, t) for k, t in metrics if any(math.isfinite(r[k]) for r in rows)]
+            if not cols:
+                continue
+            values = np.array([[r[k] for k, _ in cols] for r in rows], dtype=float)
+            colour = np.full_like(values, np.nan)
+            for j in range(values.shape[1]):
+                col = values[:, j]
+                ok = np.isfinite(col)
+                lo, hi = (col[ok].min(), col[ok].max()) if ok.any() else (0.0, 0.0)
+                colour[ok, j] = (col[ok] - lo) / (hi - lo) if hi > lo else 0.5
+            fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2.6, 0.42 * len(rows) + 1.8))
+            im = ax.imshow(np.ma.masked_invalid(colour), cmap="Reds", vmin=0, vmax=1,
+                           aspect="auto")
+            for i, r in enumerate(rows):
+                for j, (k, _) in enumerate(cols):
+                    v = values[i, j]
+                    text = "-" if not math.isfinite(v) else (f"{v:.1f}" if k == "psnr" else
+                                                             f"{v:.2f}")
+                    ax.text(j, i, f"{text}\nacc {100 * r['accuracy']:.0f}%", ha="center",
+                            va="center", fontsize=6)
+            ax.set_xticks(range(len(cols)), [t.replace(" (dB)", "\n(dB)") for _, t in cols],
+                          fontsize=7)
+            ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=7)
+            fig.colorbar(im, ax=ax).set_label("attack success\n(scaled per column)", fontsize=7)
+            ax.set_title(f"{arch} cut {cut}: attack success by defense", fontsize=9)
+            paths.append(save(fig, outdir / f"privacy_heatmap_{slug(arch)}_cut"
+                                            f"{slug(str(cut))}.png"))
     return paths
