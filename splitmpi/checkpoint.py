@@ -43,7 +43,7 @@ ADDED = {"split": {"share_bn": "average", "bn_recalibrate_batches": None,
                    "share_optimizer": "keep", "share_weights": "equal", "mode": "sl"},
          "data": {"emnist_split": None}, "comm": {"compress": "none", "compress_grad": False},
          "server": {"batch_clients": None},
-         "defense": {"grad_clip": 0.0, "grad_noise": 0.0, "act_clip": 0.0,
+         "defense": {"grad_clip": 0.0, "grad_noise": 0.0, "grad_maxnorm": False, "act_clip": 0.0,
                      "act_epsilon": 0.0, "act_delta": 1e-5}}
 
 

@@ -256,6 +256,10 @@ class DefenseConfig:
     grad_noise: float = 0.0
     """u_shape: Gaussian noise added to each clipped feature-gradient row, its std in units
     of ``grad_clip`` (std = grad_noise * grad_clip); needs grad_clip > 0."""
+    grad_maxnorm: bool = False
+    """u_shape: Li et al.'s max-norm defense against the norm attack: each feature-gradient
+    row gets Gaussian noise that brings its expected squared norm up to the batch's largest
+    (after grad_clip, before grad_noise)."""
     act_clip: float = 0.0
     """Differentially private activations: the largest L2 norm of each sample's activation
     row sent; Gaussian noise of std sigma * act_clip is added to each entry, training and
@@ -566,7 +570,8 @@ def validate(cfg: Config) -> None:
                           "or a cut that leaves layers on the clients")
     if cfg.split.topology != "u_shape":
         for key, on in (("attack.labels", cfg.attack.labels),
-                        ("defense.grad_clip", cfg.defense.grad_clip > 0)):
+                        ("defense.grad_clip", cfg.defense.grad_clip > 0),
+                        ("defense.grad_maxnorm", cfg.defense.grad_maxnorm)):
             if on:
                 raise ConfigError(f"{key} concerns the feature gradient of u_shape, but "
                                   f"split.topology={cfg.split.topology} sends the labels "

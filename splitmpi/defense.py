@@ -54,6 +54,7 @@ class Defense(nn.Module):
         self.alpha = cfg.nopeek_alpha
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.clip = cfg.grad_clip
+        self.maxnorm = cfg.grad_maxnorm
         self.grad_sigma = cfg.grad_noise * cfg.grad_clip
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
@@ -83,13 +84,21 @@ class Defense(nn.Module):
     def gradient(self, g: torch.Tensor) -> torch.Tensor:
         """The feature gradient sent for ``g`` = dL/dh of a batch's mean loss. Each row
         times the batch size is the gradient of that sample's own loss, whatever the batch
-        size: that is clipped to L2 norm ``grad_clip`` and gets noise of std
-        ``grad_noise * grad_clip``, then it is scaled back. Unchanged when the clip is off."""
-        if self.clip == 0:
+        size: that is clipped to L2 norm ``grad_clip``; under ``grad_maxnorm`` it gets
+        noise that brings its expected squared norm to the batch's largest (so the norm
+        tells no label apart); it gets noise of std ``grad_noise * grad_clip``; then it is
+        scaled back. Unchanged when every one of them is off."""
+        if self.clip == 0 and not self.maxnorm:
             return g
         n = len(g)
         rows = g.reshape(n, -1) * n
-        rows = rows * (self.clip / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1)
+        norms = rows.norm(dim=1, keepdim=True)
+        if self.clip > 0:
+            rows = rows * (self.clip / norms.clamp_min(1e-12)).clamp(max=1)
+            norms = norms.clamp(max=self.clip)
+        if self.maxnorm and n:
+            std = ((norms.max() ** 2 - norms ** 2).clamp_min(0) / rows.shape[1]).sqrt()
+            rows = rows + std * torch.randn_like(rows)
         if self.grad_sigma > 0:
             rows = rows + self.grad_sigma * torch.randn_like(rows)
         return (rows / n).reshape(g.shape)

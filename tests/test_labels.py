@@ -69,7 +69,25 @@ def test_gradient_defense_clips_each_sample_and_adds_noise():
     assert (noisy * 8).std().item() == pytest.approx(1.0, rel=0.05)  # 2 x the clip norm
 
 
+def test_max_norm_hides_the_norm_but_not_the_direction():
+    """Two classes whose per-sample rows differ in norm only: the norm attack reads them
+    perfectly; after grad_maxnorm every row's expected squared norm is the batch's
+    largest, and the norm AUC falls to about one half."""
+    torch.manual_seed(0)
+    y = np.repeat([0, 1], 64)
+    rows = leakage.directions(np.random.default_rng(1).normal(size=(128, 256)))
+    rows = torch.tensor(rows * np.where(y == 1, 3.0, 1.0)[:, None], dtype=torch.float32)
+    known = leakage.known_rows(y, 4)
+    assert leakage.norm_auc(rows.numpy(), y, known) == pytest.approx(1.0)
+    defense = Defense(config.load(None, ["defense.grad_maxnorm=true"]).defense)
+    sent = (defense.gradient(rows / 128) * 128).numpy()  # per-sample rows, as sent
+    assert abs(leakage.norm_auc(sent, y, known) - 0.5) < 0.1
+    squares = (sent ** 2).sum(axis=1)
+    assert squares[y == 0].mean() == pytest.approx(9.0, rel=0.05)  # 3 ** 2, the largest
+
+
 @pytest.mark.parametrize("override, words", [
+    (["split.topology=label_sharing", "defense.grad_maxnorm=true"], "defense.grad_maxnorm"),
     (["split.topology=label_sharing", "attack.labels=true"], "attack.labels"),
     (["split.topology=label_sharing", "defense.grad_clip=1"], "defense.grad_clip"),
     (["defense.grad_noise=1"], "defense.grad_clip"),
