@@ -329,8 +329,9 @@ def plot_matrix(runs, outdir) -> list[Path]:
                     v = values[i, j]
                     text = "-" if not math.isfinite(v) else (f"{v:.1f}" if k == "psnr" else
                                                              f"{v:.2f}")
+                    dark = np.isfinite(colour[i, j]) and colour[i, j] > 0.6
                     ax.text(j, i, f"{text}\nacc {100 * r['accuracy']:.0f}%", ha="center",
-                            va="center", fontsize=6)
+                            va="center", fontsize=6, color="white" if dark else "black")
             ax.set_xticks(range(len(cols)), [t.replace(" (dB)", "\n(dB)") for _, t in cols],
                           fontsize=7)
             ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=7)
