@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import data
+from .. import data, leakage
 from ..config import Config
 from .target import Target, observe
 
@@ -31,12 +31,6 @@ log = logging.getLogger(__name__)
 
 L2 = 1e-3  # on the head's weights: keeps the fit finite on separable known samples
 STEPS = 200  # L-BFGS iterations; a linear head on a few dozen samples converges well within
-
-
-def known_samples(targets: np.ndarray, classes: list[int], per_class: int) -> np.ndarray:
-    """Positions of the first ``per_class`` samples of each class (fewer where a class has
-    fewer), in shard order."""
-    return np.concatenate([np.flatnonzero(targets == c)[:per_class] for c in classes])
 
 
 @torch.no_grad()
@@ -70,10 +64,11 @@ def completion_attack(cfg: Config, target: Target) -> dict:
     k = target.client
     train, _, classes = data.client_datasets(cfg, k, cfg.clients.count)
     _, test_loader, _ = data.client_loaders(cfg, k, cfg.clients.count)
-    known = known_samples(data.targets_of(train), classes, cfg.attack.known_labels)
+    targets = data.targets_of(train)
+    known = np.flatnonzero(leakage.known_rows(targets, cfg.attack.known_labels))
     x = torch.stack([train[int(i)][0] for i in known])
     index = torch.as_tensor(classes)  # the head's output j is class classes[j]
-    y = torch.searchsorted(index, torch.as_tensor(data.targets_of(train)[known]))
+    y = torch.searchsorted(index, torch.as_tensor(targets[known]))
     features = cloud_features(target, x)
     log.info(f"completion: fitting a linear head on {features.shape[1]} cloud features of "
              f"{len(known)} known samples of client {k} (classes {classes})")

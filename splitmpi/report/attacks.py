@@ -129,18 +129,28 @@ def inversion_tables(runs) -> list[Table]:
     return tables
 
 
+def _folder(outdir) -> Path:
+    """The figures' folder, made if missing (the plot functions are called directly too)."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    return outdir
+
+
+def _by_arch(records: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The records of each architecture, in name order: one set of figures per arch."""
+    return [(arch, [r for r in records if r["arch"] == arch])
+            for arch in sorted({r["arch"] for r in records})]
+
+
 def plot_attack(runs, outdir) -> list[Path]:
     """Per (arch, method) over undefended runs: a fig-3-like grid (originals, then one row
     of reconstructions per cut) and PSNR/SSIM by cut. Returns the written PNG paths."""
     records = [r for r in attack_records(runs) if r["defense"] == "none"]
     if not records:
         return []
-    plt = pyplot()
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    plt, outdir = pyplot(), _folder(outdir)
     paths = []
-    for arch in sorted({r["arch"] for r in records}):
-        mine = [r for r in records if r["arch"] == arch]
+    for arch, mine in _by_arch(records):
         for method in sorted({r["method"] for r in mine}):
             rows = sorted((r for r in mine if r["method"] == method),
                           key=lambda r: natural(r["cut"]))
@@ -281,12 +291,9 @@ def plot_matrix(runs, outdir) -> list[Path]:
     records = matrix_records(runs)
     if not records:
         return []
-    plt = pyplot()
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    plt, outdir = pyplot(), _folder(outdir)
     paths = []
-    for arch in sorted({r["arch"] for r in records}):
-        mine = [r for r in records if r["arch"] == arch]
+    for arch, mine in _by_arch(records):
         metrics = [(k, t) for k, t in MATRIX_METRICS
                    if any(math.isfinite(r[k]) for r in mine)]
         if not metrics:
