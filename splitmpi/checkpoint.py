@@ -75,7 +75,9 @@ def _place(folder: Path) -> tuple[int, int]:
     return int(parts[1]), int(parts[3]) if len(parts) == 4 else -1
 
 
-def _complete(root: Path) -> list[Path]:
+def complete(root: Path) -> list[Path]:
+    """The complete checkpoint sets in ``root`` (boundary and within an epoch), oldest
+    first."""
     found = [p for p in root.glob("epoch-*") if (p / COMPLETE).exists()]
     return sorted(found, key=_place)
 
@@ -110,7 +112,7 @@ def save(world: MPI.Comm, cfg: Config, epoch: int, state: dict,
         marker = folder / f".{COMPLETE}.tmp"
         marker.write_text(f"{world.Get_size()} ranks\n")
         os.replace(marker, folder / COMPLETE)
-        for old in _complete(folder.parent)[:-KEEP]:
+        for old in complete(folder.parent)[:-KEEP]:
             shutil.rmtree(old, ignore_errors=True)
     world.Barrier()
     return folder
@@ -123,7 +125,7 @@ def locate(cfg: Config) -> Path | None:
         return None
     if choice == "auto":
         root = directory(cfg)
-        found = _complete(root) if root.is_dir() else []
+        found = complete(root) if root.is_dir() else []
         return found[-1] if found else None
     path = Path(choice)
     if not (path / COMPLETE).exists():

@@ -130,9 +130,7 @@ BOUNDARY = re.compile(r"epoch-\d+")  # a set at an epoch boundary; "-step-" ones
 
 def _boundary_sets(root: Path) -> list[Path]:
     """The complete epoch-boundary sets in a checkpoint folder, oldest first."""
-    found = [p for p in root.glob("epoch-*")
-             if BOUNDARY.fullmatch(p.name) and (p / checkpoint.COMPLETE).exists()]
-    return sorted(found, key=checkpoint.epochs_of)
+    return [p for p in checkpoint.complete(root) if BOUNDARY.fullmatch(p.name)]
 
 
 def _checkpoint_root(results: Path) -> Path:
