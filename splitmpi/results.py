@@ -89,6 +89,7 @@ def _check_resumable(path: Path, world_size: int, epochs: int) -> None:
 class ResultsWriter:
     def __init__(self, cfg: Config, world_size: int, clients: int,
                  resume_epochs: int | None = None):
+        self.cfg = cfg  # /privacy/epsilon is computed from it each epoch
         if resume_epochs is not None:
             self._continue(cfg, resume_epochs, world_size, clients)
             return
@@ -122,7 +123,6 @@ class ResultsWriter:
     def _privacy(self, cfg: Config) -> None:
         """The /privacy/epsilon series of a run with DP activations (none otherwise): a
         function of the epoch and the config, so rank 0 computes it itself."""
-        self.cfg = cfg
         if cfg.defense.act_clip > 0 and "privacy/epsilon" not in self.file:
             series = self.file.create_dataset("privacy/epsilon", shape=(0,), maxshape=(None,),
                                               dtype="f8")
