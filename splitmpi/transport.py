@@ -49,7 +49,7 @@ DTYPE_CODE = {dt: i for i, dt in enumerate(DTYPES)}
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_DIMS = 8
 HEADER = np.dtype(np.int64)
-FIELDS = ("kind", "dtype", "ndim", "flags", "scale", "sent_ns")
+FIELDS = ("kind", "dtype", "ndim", "flags", "scale", "sent_ns", "client")
 HEADER_LEN = len(FIELDS) + MAX_DIMS  # then the shape
 # float16 on the wire: a tensor is scaled by a power of two that puts its largest magnitude
 # in [2**14, 2**15) before the cast (gradients are mostly below float16's smallest normal
@@ -158,6 +158,8 @@ class Transport:
         self.stopping = False  # set: every message sent carries Flag.STOP
         self.flags = Flag(0)  # of the last message received
         self.sent_ns = 0  # the sender's time.monotonic_ns() when it sent that message
+        self.client = 0  # the logical client that message spoke for (0: none)
+        self.speaks_for = 0  # the logical client this rank's messages speak for (headers)
 
     # -- buffers -----------------------------------------------------------------------
     def _wire(self, t: torch.Tensor, kind: Kind) -> tuple[torch.Tensor, int, Flag]:
@@ -241,7 +243,7 @@ class Transport:
         h = np.zeros(HEADER_LEN, dtype=HEADER)
         flags |= Flag.STOP if self.stopping else 0
         h[:len(FIELDS)] = (int(kind), DTYPE_CODE[dtype], len(shape), flags, scale,
-                           time.monotonic_ns())
+                           time.monotonic_ns(), self.speaks_for)
         h[len(FIELDS):len(FIELDS) + len(shape)] = shape
         return h
 
@@ -294,8 +296,8 @@ class Transport:
         """Receive one tensor of ``kind``; wire-cast kinds come back as ``dtype`` (float32)."""
         header = self._header_in
         self.waiter.recv(self.comm, header, source, int(kind))
-        got, code, ndim, flags, scale, sent_ns, *dims = header.tolist()
-        self.flags, self.sent_ns = Flag(flags), sent_ns
+        got, code, ndim, flags, scale, sent_ns, client, *dims = header.tolist()
+        self.flags, self.sent_ns, self.client = Flag(flags), sent_ns, client
         if got != int(kind):
             raise RuntimeError(f"protocol error: expected {kind.name} from rank {source}, "
                                f"got kind {got}")
