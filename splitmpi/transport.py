@@ -1,14 +1,17 @@
 """Tensors over MPI as raw buffers: a fixed-size header, then the payload, one tag per kind.
 
 No tensor is ever pickled (pickle moved 16 MiB 24x slower than raw Send/Recv: BENCHMARKS.md).
-Header and payload of one tensor travel with the same tag, so MPI's non-overtaking rule
-keeps them paired. Receives are posted before sends, and every buffer stays referenced
-until its request completes.
+A payload of at most ``PACK_BYTES`` travels in the header's message, right after it (one
+message per tensor); a larger one follows as a second message with the same tag, so MPI's
+non-overtaking rule keeps them paired. Every buffer stays referenced until its request
+completes.
 """
 from __future__ import annotations
 
+import ctypes
 import enum
 import math
+import struct
 import time
 from collections import Counter, defaultdict
 
@@ -51,6 +54,13 @@ MAX_DIMS = 8
 HEADER = np.dtype(np.int64)
 FIELDS = ("kind", "dtype", "ndim", "flags", "scale", "sent_ns", "client")
 HEADER_LEN = len(FIELDS) + MAX_DIMS  # then the shape
+HEADER_BYTES = HEADER_LEN * HEADER.itemsize
+_HEADER = struct.Struct(f"={HEADER_LEN}q")  # native int64s, as HEADER
+_SHAPE_PAD = [(0,) * (MAX_DIMS - n) for n in range(MAX_DIMS + 1)]
+# Payloads of at most this many bytes are packed after the header in one message (copied in
+# by the sender, out by the receiver: ~1 us at 64 KiB, less than a second message costs).
+# Both sides decide from the header alone, so the receiver knows whether a payload follows.
+PACK_BYTES = 64 * 1024
 # float16 on the wire: a tensor is scaled by a power of two that puts its largest magnitude
 # in [2**14, 2**15) before the cast (gradients are mostly below float16's smallest normal
 # number otherwise), and scaled back on receipt; powers of two change no digit.
@@ -61,6 +71,8 @@ RECYCLE_PER_SIZE = 4
 # Staging buffers kept per (destination, kind, shape, dtype) of outgoing CUDA tensors.
 STAGING_PER_KEY = 4
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # private; absent: no recycling
+_FLAGS = {int(f): Flag(f) for f in range(4)}  # Flag(int) costs ~1 us a message
+_CODED, _STOP = int(Flag.CODED), int(Flag.STOP)
 
 
 def _bytes_view(t: torch.Tensor) -> np.ndarray:
@@ -128,9 +140,10 @@ class Transport:
     they are cast before sending and cast back to float32 on receipt, halving the bytes
     for bf16/fp16. ``compress`` (``compress.Codec``, or none) codes the batches of the
     forward kinds instead, and of the gradient kinds too with ``compress_grad``; they come
-    back decoded, in float32. CUDA tensors are staged through reusable pinned host buffers
-    unless ``gpu_aware`` hands device memory to MPI directly (``_stages``). ``wait`` is the
-    ``Waiter`` mode.
+    back decoded, in float32. CUDA tensors of more than ``PACK_BYTES`` are staged through
+    reusable pinned host buffers unless ``gpu_aware`` hands device memory to MPI directly
+    (``_stages``); smaller ones are packed with their header from and into host memory.
+    ``wait`` is the ``Waiter`` mode.
     """
 
     FORWARD_KINDS = (Kind.ACTIVATION, Kind.EVAL_ACTIVATION, Kind.FEATURES)
@@ -153,7 +166,11 @@ class Transport:
         self._pinned: dict[tuple, torch.Tensor] = {}
         self._outgoing: dict[tuple, list[_Staged]] = defaultdict(list)
         self._recycled: dict[int, list[torch.UntypedStorage]] = defaultdict(list)
-        self._header_in = np.empty(HEADER_LEN, dtype=HEADER)
+        # every message is received here first: a header, and a packed payload after it
+        self._inbox = MPI.buffer.allocate(HEADER_BYTES + PACK_BYTES)
+        self._inbox_payload = self._inbox.address + HEADER_BYTES
+        self._coded_kinds = frozenset(int(k) for k in self.coded)
+        self._cast_kinds = frozenset(int(k) for k in self.WIRE_KINDS)
         self.on_receive = None  # audit hook: f(source, kind, payload bytes)
         self.stopping = False  # set: every message sent carries Flag.STOP
         self.flags = Flag(0)  # of the last message received
@@ -162,24 +179,24 @@ class Transport:
         self.speaks_for = 0  # the logical client this rank's messages speak for (headers)
 
     # -- buffers -----------------------------------------------------------------------
-    def _wire(self, t: torch.Tensor, kind: Kind) -> tuple[torch.Tensor, int, Flag]:
+    def _wire(self, t: torch.Tensor, kind: int) -> tuple[torch.Tensor, int, int]:
         """The tensor as it crosses the wire, the power of two it was scaled by, and
         whether it is coded (a batch of one sample or more, of a coded kind; the empty
         batches that end a phase are not)."""
         t = t.detach()
         scale = 0
-        if kind in self.coded and t.is_floating_point() and t.dim() >= 2 and t.numel():
-            return self.codec.encode(t), 0, Flag.CODED
-        if kind in self.WIRE_KINDS and t.is_floating_point() and t.dtype != self.wire:
+        if kind in self._coded_kinds and t.is_floating_point() and t.dim() >= 2 and t.numel():
+            return self.codec.encode(t), 0, _CODED
+        if kind in self._cast_kinds and t.dtype != self.wire and t.is_floating_point():
             if self.wire == torch.float16:
                 t, scale = _scaled_for_float16(t)
             t = t.to(self.wire)
-        return t.contiguous(), scale, Flag(0)
+        return t.contiguous(), scale, 0
 
     def _stages(self, t: torch.Tensor) -> bool:
         """Whether ``t`` must be sent from a host copy: MPI that is not GPU-aware cannot
         read device memory."""
-        return t.device.type == "cuda" and not self.gpu_aware
+        return t.is_cuda and not self.gpu_aware
 
     def _staging(self, slot: tuple, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         """A reusable pinned host buffer to receive CUDA tensors into when MPI is not
@@ -214,12 +231,11 @@ class Transport:
         pool.append(slot)  # oldest first
         return slot
 
-    def _landing(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    def _landing(self, shape: tuple, dtype: torch.dtype, nbytes: int) -> torch.Tensor:
         """A CPU tensor to receive into. Memory of >= 1 MiB is recycled once no tensor,
         view or autograd graph refers to it any more: fresh memory of that size faults in
         new pages on every message (glibc maps blocks over 32 MiB afresh), which cost 3x
         the copy itself at 64 MiB."""
-        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < RECYCLE_BYTES or _use_count is None:
             return torch.empty(shape, dtype=dtype)
         kept = self._recycled[nbytes]
@@ -231,33 +247,47 @@ class Transport:
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
     def _buffer(self, t: torch.Tensor):
-        if t.device.type == "cuda":
+        if t.is_cuda:
             torch.cuda.current_stream(t.device).synchronize()  # MPI must see finished data
             return [t.reshape(-1).view(torch.uint8), MPI.BYTE]
         return _cpu_buffer(t)
 
-    def _header(self, kind: Kind, shape: tuple, dtype: torch.dtype, scale: int,
-                flags: Flag) -> np.ndarray:
-        if len(shape) > MAX_DIMS:
+    def _header(self, buf, kind: int, shape: tuple, dtype: torch.dtype, scale: int,
+                flags: int) -> None:
+        """Write the header (``FIELDS``, then the shape) at the start of ``buf``."""
+        ndim = len(shape)
+        if ndim > MAX_DIMS:
             raise ValueError(f"tensors of more than {MAX_DIMS} dimensions cannot be sent")
-        h = np.zeros(HEADER_LEN, dtype=HEADER)
-        flags |= Flag.STOP if self.stopping else 0
-        h[:len(FIELDS)] = (int(kind), DTYPE_CODE[dtype], len(shape), flags, scale,
-                           time.monotonic_ns(), self.speaks_for)
-        h[len(FIELDS):len(FIELDS) + len(shape)] = shape
-        return h
+        _HEADER.pack_into(buf, 0, kind, DTYPE_CODE[dtype], ndim,
+                          flags | _STOP if self.stopping else flags, scale,
+                          time.monotonic_ns(), self.speaks_for, *shape, *_SHAPE_PAD[ndim])
 
     def payload(self, t: torch.Tensor, kind: Kind) -> np.ndarray:
         """The bytes a CPU tensor would cross the wire as (cast or coded)."""
-        return _bytes_view(self._wire(t, kind)[0])
+        return _bytes_view(self._wire(t, int(kind))[0])
 
     # -- sending -----------------------------------------------------------------------
     def isend(self, t: torch.Tensor, dest: int, kind: Kind) -> list:
         """Start sending; returns requests that own their buffers (keep them until Waitall)."""
-        wire, scale, flags = self._wire(t, kind)
+        k = int(kind)
+        wire, scale, flags = self._wire(t, k)
         # a coded tensor's header tells the tensor it decodes to
-        header = self._header(kind, *((tuple(t.shape), torch.float32) if flags & Flag.CODED
-                                      else (tuple(wire.shape), wire.dtype)), scale, flags)
+        shape, dtype = ((tuple(t.shape), torch.float32) if flags & _CODED
+                        else (tuple(wire.shape), wire.dtype))
+        nbytes = wire.nbytes
+        if nbytes <= PACK_BYTES:  # one message: the header, then the payload
+            message = MPI.buffer.allocate(HEADER_BYTES + nbytes)
+            self._header(message, k, shape, dtype, scale, flags)
+            if nbytes:
+                if not wire.is_cpu:
+                    wire = wire.cpu()  # synchronous: the device's data is final
+                ctypes.memmove(message.address + HEADER_BYTES, wire.data_ptr(), nbytes)
+            self.bytes_sent[k] += HEADER_BYTES + nbytes
+            self.messages_sent[k] += 1
+            return [_Owned(self.comm.Isend(message, dest, k), message)]
+        header = MPI.buffer.allocate(HEADER_BYTES)
+        self._header(header, k, shape, dtype, scale, flags)
+        self.bytes_sent[k] += HEADER_BYTES + nbytes
         t = wire
         staged = None
         if self._stages(t):
@@ -265,20 +295,21 @@ class Transport:
             staged.buffer.copy_(t)  # synchronous: the staging buffer is ready when this returns
             t = staged.buffer
         payload = self._buffer(t)
-        reqs = [self.comm.Isend(header, dest, int(kind)),
-                self.comm.Isend(payload, dest, int(kind))]
+        reqs = [self.comm.Isend(header, dest, k), self.comm.Isend(payload, dest, k)]
         if staged is not None:
             staged.requests = reqs  # completed by the caller's wait, or tested on reuse
-        self.bytes_sent[kind] += header.nbytes + t.nbytes
-        self.messages_sent[kind] += 2
-        return [_Owned(r, (header, t, payload)) for r in reqs]
+        self.messages_sent[k] += 2
+        return [_Owned(reqs[0], header), _Owned(reqs[1], (t, payload))]
 
     def send(self, t: torch.Tensor, dest: int, kind: Kind) -> None:
         self.wait(self.isend(t, dest, kind))
 
     def wait(self, owned: list) -> None:
         """Complete requests from ``isend`` (and let go of their buffers)."""
-        self.waiter.waitall([o.request for o in owned])
+        if len(owned) == 1 and not self.waiter.sleep:  # a packed message
+            owned[0].request.Wait()
+        else:
+            self.waiter.waitall([o.request for o in owned])
         owned.clear()
 
     def probe_any(self, kind: Kind) -> int:
@@ -294,40 +325,55 @@ class Transport:
     def recv(self, source: int, kind: Kind, device: torch.device | str = "cpu",
              dtype: torch.dtype | None = None) -> torch.Tensor:
         """Receive one tensor of ``kind``; wire-cast kinds come back as ``dtype`` (float32)."""
-        header = self._header_in
-        self.waiter.recv(self.comm, header, source, int(kind))
-        got, code, ndim, flags, scale, sent_ns, client, *dims = header.tolist()
-        self.flags, self.sent_ns, self.client = Flag(flags), sent_ns, client
-        if got != int(kind):
+        k = int(kind)
+        self.waiter.recv(self.comm, self._inbox, source, k)
+        got, code, ndim, flags, scale, sent_ns, client, *dims = _HEADER.unpack_from(self._inbox)
+        flag = _FLAGS.get(flags)  # (Flag(0) is false, so no ``or`` here)
+        self.flags = Flag(flags) if flag is None else flag
+        self.sent_ns, self.client = sent_ns, client
+        if got != k:
             raise RuntimeError(f"protocol error: expected {kind.name} from rank {source}, "
                                f"got kind {got}")
         shape = tuple(dims[:ndim])
         wire_dtype = DTYPES[code]
-        coded = bool(flags & Flag.CODED)
+        coded = flags & _CODED
         if coded:  # the payload: the codec's bytes for a float32 tensor of ``shape``
             shape, wire_dtype, decoded = (self.codec.nbytes(shape),), torch.uint8, shape
-        device = torch.device(device)
-        if device.type == "cuda" and self.gpu_aware:
-            out = torch.empty(shape, dtype=wire_dtype, device=device)
-            self.waiter.recv(self.comm, self._buffer(out), source, int(kind))
-            if self.on_receive is not None:
-                self.on_receive(source, kind, _bytes_view(out.cpu()))
-        else:
-            host = (self._landing(shape, wire_dtype) if device.type == "cpu"
-                    else self._staging(("recv", source, int(kind)), shape, wire_dtype))
-            self.waiter.recv(self.comm, _cpu_buffer(host), source, int(kind))
+        nbytes = math.prod(shape) * wire_dtype.itemsize
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
+        if nbytes <= PACK_BYTES:  # it came packed after the header: copy it out
+            host = torch.empty(shape, dtype=wire_dtype)
+            if nbytes:
+                ctypes.memmove(host.data_ptr(), self._inbox_payload, nbytes)
             if self.on_receive is not None:
                 self.on_receive(source, kind, _bytes_view(host))
             out = host if device.type == "cpu" else host.to(device)
-        self.bytes_received[kind] += header.nbytes + out.nbytes
-        self.messages_received[kind] += 2
+            self.messages_received[k] += 1
+        elif device.type == "cuda" and self.gpu_aware:
+            out = torch.empty(shape, dtype=wire_dtype, device=device)
+            self.waiter.recv(self.comm, self._buffer(out), source, k)
+            if self.on_receive is not None:
+                self.on_receive(source, kind, _bytes_view(out.cpu()))
+            self.messages_received[k] += 2
+        else:
+            host = (self._landing(shape, wire_dtype, nbytes) if device.type == "cpu"
+                    else self._staging(("recv", source, k), shape, wire_dtype))
+            self.waiter.recv(self.comm, _cpu_buffer(host), source, k)
+            if self.on_receive is not None:
+                self.on_receive(source, kind, _bytes_view(host))
+            out = host if device.type == "cpu" else host.to(device)
+            self.messages_received[k] += 2
+        self.bytes_received[k] += HEADER_BYTES + nbytes
         if coded:
             return self.codec.decode(out, decoded).to(dtype or torch.float32)
-        if kind in self.WIRE_KINDS and out.is_floating_point():
+        if k in self._cast_kinds and out.is_floating_point():
             if scale:  # float16 on the wire, scaled by 2**scale: exactly undone in float32
                 out = torch.ldexp(out.float(), torch.tensor(-scale, dtype=torch.int32,
                                                             device=out.device))
-            out = out.to(dtype or torch.float32)  # a no-op when it came as float32
+            want = dtype or torch.float32
+            if out.dtype != want:  # .to() costs ~0.7 us even as a no-op
+                out = out.to(want)
         return out
 
     # -- accounting --------------------------------------------------------------------
