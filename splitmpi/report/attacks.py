@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..reader import LIST_CLIENTS
 from .plotting import pyplot, save, show, slug
 from .render import Table, natural
 
@@ -65,13 +66,43 @@ def attack_tables(runs) -> list[Table]:
     return inversion_tables(runs) + label_table(runs)
 
 
+LABEL_COLUMNS = (("cosine", "cosine_accuracy"), ("cluster", "cluster_accuracy"),
+                 ("cluster_known", "cluster_known_accuracy"), ("norm_auc", "norm_auc"),
+                 ("chance", "chance"))
+
+
+def _label_summary(run) -> dict:
+    """A run of many clients in one row: each column the mean over the clients measured in
+    the last epoch (rows > 0), ``clients`` = how many; test accuracy the clients' mean."""
+    last = {n: np.asarray(v[-1], dtype=np.float64) for n, v in run.label_series.items()}
+    measured = np.nan_to_num(last["rows"]) > 0
+    mean = {n: float(np.nanmean(v[measured])) if measured.any() and
+            np.isfinite(v[measured]).any() else float("nan") for n, v in last.items()}
+    acc = np.asarray(run.series["test_accuracy"][-1], dtype=np.float64)
+    return {"client": f"mean of {int(measured.sum())}/{len(measured)}",
+            **{col: _fmt(mean[name], 3) for col, name in LABEL_COLUMNS},
+            "rows": int(np.nansum(last["rows"])),
+            "test_accuracy_pct": _fmt(100 * float(np.nanmean(acc)) if np.isfinite(acc).any()
+                                      else float("nan"))}
+
+
 def label_table(runs) -> list[Table]:
     """Label inference from the feature gradients of each attack.labels run, per client,
     in its last epoch: the attacks' accuracies against chance (1 / the client's classes),
-    with the label defense and the client's test accuracy. ``[]`` when no run has one."""
+    with the label defense and the client's test accuracy. ``[]`` when no run has one. A
+    run of more than ``reader.LIST_CLIENTS`` clients gets one row: the means over the
+    clients measured in the last epoch."""
     rows = []
     for run in runs:
         defense = run.config.get("defense", {})
+        series_2d = getattr(run, "label_series", None)
+        if series_2d and len(run.clients) > LIST_CLIENTS:
+            if len(series_2d["rows"]):
+                rows.append({"path": str(run.path), "epoch": len(series_2d["rows"]),
+                             "grad_clip": defense.get("grad_clip", 0.0),
+                             "grad_noise": defense.get("grad_noise", 0.0),
+                             **_label_summary(run)})
+            continue
         for k, series in run.label_inference.items():
             if not len(series["rows"]):
                 continue
@@ -225,14 +256,25 @@ def matrix_records(runs) -> list[dict]:
             continue  # a matrix cell measured label inference (or was completed)
         cfg = run.config or {}
         kind, strength = _cell_defense(cfg.get("defense", {}))
-        accs = [float(c["test_accuracy"][-1]) for c in clients.values()
-                if len(c.get("test_accuracy", []))]
+        table = getattr(run, "series", {}).get("test_accuracy")
+        if table is not None:  # (epochs, N): the clients evaluated in the last epoch
+            accs = [float(a) for a in table[-1] if np.isfinite(a)] if len(table) else []
+        else:
+            accs = [float(c["test_accuracy"][-1]) for c in clients.values()
+                    if len(c.get("test_accuracy", []))]
         best, chance = [], []
-        for series in labels.values():
-            if len(series["rows"]):
-                best.append(max(float(series["cosine_accuracy"][-1]),
-                                float(series["cluster_accuracy"][-1])))
-                chance.append(float(series["chance"][-1]))
+        found = getattr(run, "label_series", None)
+        if found and len(found["rows"]):  # (epochs, N): the clients measured in the last one
+            measured = np.nan_to_num(found["rows"][-1]) > 0
+            best = np.fmax(found["cosine_accuracy"][-1], found["cluster_accuracy"][-1])[
+                measured].tolist()
+            chance = found["chance"][-1][measured].tolist()
+        elif not found:
+            for series in labels.values():
+                if len(series["rows"]):
+                    best.append(max(float(series["cosine_accuracy"][-1]),
+                                    float(series["cluster_accuracy"][-1])))
+                    chance.append(float(series["chance"][-1]))
         g = {m: groups.get(m, {}) for m in ("decoder", "rmle", "completion")}
         cut = cfg.get("model", {}).get("cut", "")
         eps = getattr(run, "epsilon", None)  # DP activations: the epsilon spent at the end

@@ -21,8 +21,8 @@ TABLES: list[Callable[[list[Run]], list[Table]]] = [
     training.runs_table, training.sharing_table, training.cut_tables, training.modes_table,
     training.audit_table, attacks.attack_tables, attacks.matrix_table]
 PLOTS: list[Callable[[list[Run], Path], list[Path]]] = [
-    training.plot_accuracy, training.plot_cuts, training.plot_modes, attacks.plot_attack,
-    attacks.plot_matrix]
+    training.plot_accuracy, training.plot_client_accuracy, training.plot_cuts,
+    training.plot_modes, attacks.plot_attack, attacks.plot_matrix]
 
 
 def tables(runs: list[Run]) -> list[Table]:

@@ -4,6 +4,10 @@ The tables of the two papers (sharing vs non-sharing extractors per client; accu
 traffic by cut), a listing of every file, the split-learning modes and codecs side by side
 (``jobs/sweep.py modes``), and the privacy audit of runs made with audit=true. Unfinished
 runs carry ``status: unfinished`` and are never averaged together with finished ones.
+
+A run of more than ``MANY_CLIENTS`` clients is summarised as distributions over its clients
+(mean, min, p10, p50, p90, max) instead of a column or row per client, and gets the CDF
+figure of its clients' final test accuracies (``plot_client_accuracy``).
 """
 from __future__ import annotations
 
@@ -15,11 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..reader import Run
+from ..reader import LIST_CLIENTS, Run, distribution
 from .plotting import pyplot, save, slug
 from .render import Table, columns, format_value, natural
 
 # --- what the tables are made of ----------------------------------------------------------
+
+MANY_CLIENTS = LIST_CLIENTS  # above this many clients: distributions, not one entry each
+STATS = ("mean", "min", "p10", "p50", "p90", "max")
+
 
 def _cfg(run: Run, dotted: str):
     node = run.config
@@ -56,19 +64,61 @@ def bytes_per_epoch(run: Run) -> float:
     return float(sent.sum(axis=1).mean()) if sent is not None and len(sent) else math.nan
 
 
+def many(run: Run) -> bool:
+    """A run reported as distributions over its clients."""
+    return len(run.clients) > MANY_CLIENTS
+
+
+def _table(run: Run, name: str) -> np.ndarray:
+    """The (epochs, N) array of a per-client series (built from ``run.clients`` for a Run
+    made by hand)."""
+    if name in run.series:
+        return np.asarray(run.series[name], dtype=np.float64)
+    return np.array([s[name] for s in run.clients.values()], dtype=np.float64).T
+
+
+def _nan_reduce(fn, values: np.ndarray) -> np.ndarray:
+    """``fn`` over the clients (axis 1) ignoring NaN; NaN where a row has no value."""
+    values = np.asarray(values, dtype=np.float64)
+    out = np.full(values.shape[0], np.nan)
+    some = np.isfinite(values).any(axis=1)
+    if some.any():
+        out[some] = fn(values[some], axis=1)
+    return out
+
+
+def final_accuracy(run: Run) -> np.ndarray:
+    """(N,): each client's final test accuracy (fraction), its last evaluated one: a
+    client not evaluated in the last epoch keeps its previous value (NaN if never)."""
+    if run.series:
+        return run.last_finite("test_accuracy")
+    return run.final_array("test_accuracy")
+
+
+def accuracy_columns(run: Run, prefix: str = "acc") -> dict:
+    """Final test accuracy in percent: ``acc_<k>`` per client, or for many clients the
+    distribution ``acc_mean``, ``acc_min``, ``acc_p10``, ``acc_p50``, ``acc_p90``, ``acc_max``."""
+    acc = 100 * final_accuracy(run)
+    if not many(run):
+        return {f"{prefix}_{k}": round(float(a), 2) for k, a in zip(run.clients, acc)}
+    d = distribution(acc)
+    return {f"{prefix}_{s}": round(d[s], 2) for s in STATS}
+
+
 def mean_accuracy(run: Run) -> np.ndarray:
-    """Test accuracy after each epoch, the plain mean over clients (fraction)."""
-    return np.mean([s["test_accuracy"] for s in run.clients.values()], axis=0)
+    """Test accuracy after each epoch, the plain mean over the clients evaluated in it
+    (fraction)."""
+    return _nan_reduce(np.nanmean, _table(run, "test_accuracy"))
 
 
 def server_busy_share(run: Run) -> np.ndarray:
     """Per epoch, the share of the training phase the server spent on requests: computing
     and, in u_shape, waiting on the client's classifier (it serves no one else meanwhile),
     summed over the clients, over the phase's length (the last client's end of phase)."""
-    series = run.clients.values()
-    busy = sum(s["server_busy_seconds"] if "server_busy_seconds" in s  # 0.1's files: the sum
-               else s["server_compute_seconds"] + s["classifier_wait_seconds"] for s in series)
-    return busy / np.max([s["phase_end_seconds"] for s in series], axis=0)
+    names = run.series or next(iter(run.clients.values()), {})
+    busy = (_table(run, "server_busy_seconds") if "server_busy_seconds" in names  # 0.1
+            else _table(run, "server_compute_seconds") + _table(run, "classifier_wait_seconds"))
+    return np.nansum(busy, axis=1) / _nan_reduce(np.nanmax, _table(run, "phase_end_seconds"))
 
 
 def _mode(run: Run) -> str:
@@ -109,24 +159,34 @@ def runs_table(runs: list[Run]) -> list[Table]:
                "data": _cfg(run, "data.name"), "arch": _cfg(run, "model.arch"),
                "cut": _cfg(run, "model.cut"), "topology": _cfg(run, "split.topology"),
                "share": _cfg(run, "split.share"), "clients": len(run.clients)}
-        row.update({f"acc_{k}": round(100 * a, 2) for k, a in run.final().items()})
+        row.update(accuracy_columns(run))
         seconds = run.epoch_seconds
         row["s_per_epoch"] = round(float(seconds.mean()), 3) if len(seconds) else math.nan
         rows.append(row)
-    return [Table("Runs: final test accuracy (%) per client, mean seconds per epoch", rows)]
+    return [Table("Runs: final test accuracy (%) per client (acc_<k>; over more than "
+                  f"{MANY_CLIENTS} clients its distribution: acc_mean .. acc_max), mean "
+                  "seconds per epoch", rows)]
 
 
 def sharing_table(runs: list[Run]) -> list[Table]:
     """Paper 1, table 1: each client's final test accuracy with and without extractor
     sharing, per (data, arch, cut, topology); repeats (same key) are averaged."""
     acc: dict = {}  # (group, client, classes) -> {share: [percent per run]}
+    spread: dict = {}  # (group, statistic) -> {share: [percent per run]}: many clients
     for run in runs:
         group = (_cfg(run, "data.name"), _cfg(run, "model.arch"), _cfg(run, "model.cut"),
                  _cfg(run, "split.topology"), status(run))
-        for k, a in run.final().items():
+        share = bool(_cfg(run, "split.share"))
+        final = 100 * final_accuracy(run)
+        if many(run):
+            d = distribution(final)
+            for stat in STATS:
+                spread.setdefault((group, stat), {True: [], False: []})[share].append(d[stat])
+            continue
+        for k, a in zip(run.clients, final):
             cell = acc.setdefault((group, k, _classes(run.classes.get(k, []))),
                                   {True: [], False: []})
-            cell[bool(_cfg(run, "split.share"))].append(100 * a)
+            cell[share].append(float(a))
     rows = []
     ordered = sorted(acc, key=lambda key: _order((*key[0], key[1], key[2])))
     for group, keys in itertools.groupby(ordered, key=lambda key: key[0]):
@@ -143,8 +203,18 @@ def sharing_table(runs: list[Run]) -> list[Table]:
                      **{c: round(_mean(m[i] for m in means), 2)
                         for i, c in enumerate(("sharing", "non_sharing", "difference"))},
                      "runs": "", "status": group[-1]})
+    for group in sorted({g for g, _ in spread}, key=_order):  # many clients: distributions
+        head = dict(zip(("data", "arch", "cut", "topology"), group))
+        for stat in STATS:
+            cell = spread[(group, stat)]
+            on, off = _mean(cell[True]), _mean(cell[False])
+            rows.append({**head, "client": stat, "classes": "all", "sharing": round(on, 2),
+                         "non_sharing": round(off, 2), "difference": round(on - off, 2),
+                         "runs": f"{len(cell[True])}/{len(cell[False])}",
+                         "status": group[-1]})
     return [Table("Table 1 (multiple classification): final test accuracy (%), sharing vs "
-                  "non-sharing extractors; difference = sharing - non-sharing", rows)]
+                  "non-sharing extractors; difference = sharing - non-sharing (runs of more "
+                  f"than {MANY_CLIENTS} clients: client = a statistic over all clients)", rows)]
 
 
 def cut_tables(runs: list[Run]) -> list[Table]:
@@ -152,7 +222,7 @@ def cut_tables(runs: list[Run]) -> list[Table]:
     pair of tables per architecture (cnn5 and resnet50 name their cuts differently)."""
     cells = defaultdict(lambda: ([], []))  # (arch, row key, cut) -> (accuracies, bytes)
     for run in runs:
-        accuracy = _mean(list(run.final().values()))
+        accuracy = _mean(final_accuracy(run))
         if not math.isfinite(accuracy):
             continue
         row = (_cfg(run, "data.name"), _cfg(run, "split.topology"),
@@ -188,11 +258,10 @@ def modes_table(runs: list[Run]) -> list[Table]:
         return []
     rows = []
     for run, name in zip(runs, names(runs)):
-        acc = run.final()
         rows.append({"run": name, "status": status(run), "mode": _mode(run),
                      "schedule": _cfg(run, "server.schedule"), "compress": _coding(run),
-                     "acc_mean": round(100 * _mean(acc.values()), 2),
-                     **{f"acc_{k}": round(100 * a, 2) for k, a in acc.items()},
+                     "acc_mean": round(100 * _mean(final_accuracy(run)), 2),
+                     **accuracy_columns(run),
                      "s_per_epoch": round(float(run.epoch_seconds.mean()), 3),
                      "bytes_per_epoch": round(bytes_per_epoch(run)),
                      "server_busy_pct": round(100 * _mean(server_busy_share(run)), 1)})
@@ -207,16 +276,30 @@ def audit_table(runs: list[Run]) -> list[Table]:
     many carried a client's raw inputs or labels (any non-zero count is a leak)."""
     rows = []
     for run in runs:
-        for k, series in sorted(run.groups.get("audit", {}).items()):
-            if k.startswith("@"):
-                continue
-            inputs, labels = int(series["input_matches"].sum()), int(series["label_matches"].sum())
-            rows.append({"path": str(run.path), "status": status(run),
-                         "topology": _cfg(run, "split.topology"), "cut": _cfg(run, "model.cut"),
-                         "client": int(k), "messages": int(series["messages_checked"].sum()),
+        audit = run.audit_series
+        if not audit:
+            continue
+        head = {"path": str(run.path), "status": status(run),
+                "topology": _cfg(run, "split.topology"), "cut": _cfg(run, "model.cut")}
+        sums = {n: np.asarray(audit[n]).sum(axis=0) for n in
+                ("messages_checked", "input_matches", "label_matches")}  # (N,) each
+        leaking = (sums["input_matches"] + sums["label_matches"]) > 0
+        if many(run):  # one row for all clients, and how many of them leaked
+            inputs, labels = int(sums["input_matches"].sum()), int(sums["label_matches"].sum())
+            rows.append({**head, "client": f"all {len(leaking)}",
+                         "messages": int(sums["messages_checked"].sum()),
+                         "raw_inputs": inputs, "labels": labels,
+                         "clients_leaking": int(leaking.sum()),
+                         "verdict": "clean" if inputs + labels == 0 else "RAW DATA SENT"})
+            continue
+        for i in range(len(leaking)):
+            inputs, labels = int(sums["input_matches"][i]), int(sums["label_matches"][i])
+            rows.append({**head, "client": i + 1, "messages": int(sums["messages_checked"][i]),
                          "raw_inputs": inputs, "labels": labels,
                          "verdict": "clean" if inputs + labels == 0 else "RAW DATA SENT"})
-    return [Table("Privacy audit: messages carrying raw inputs or labels", rows)] if rows else []
+    return [Table("Privacy audit: messages carrying raw inputs or labels (runs of more than "
+                  f"{MANY_CLIENTS} clients: one row, clients_leaking = clients with any match)",
+                  rows)] if rows else []
 
 
 # --- figures ------------------------------------------------------------------------------
@@ -230,7 +313,8 @@ def _save(fig, ax, path: Path) -> Path:
 
 def plot_accuracy(runs: list[Run], outdir: Path) -> list[Path]:
     """``accuracy_<file stem>.png`` per run (``_2``, ``_3`` .. when stems repeat): test
-    accuracy per epoch, one line per client."""
+    accuracy per epoch, one line per client; over more than MANY_CLIENTS clients the mean
+    over the clients evaluated, with bands p10-p90 and min-max."""
     plt = pyplot()
     paths, seen = [], defaultdict(int)
     for run in runs:
@@ -239,10 +323,20 @@ def plot_accuracy(runs: list[Run], outdir: Path) -> list[Path]:
         seen[run.path.stem] += 1
         suffix = f"_{seen[run.path.stem]}" if seen[run.path.stem] > 1 else ""
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        for k, series in run.clients.items():
-            acc = 100 * np.asarray(series["test_accuracy"])
-            ax.plot(np.arange(1, len(acc) + 1), acc, marker="o",
-                    label=f"client {k} (classes {_classes(run.classes.get(k, []))})")
+        if many(run):
+            acc = 100 * _table(run, "test_accuracy")
+            x = np.arange(1, len(acc) + 1)
+            low, p10, p90, high = (_nan_reduce(lambda v, axis, q=q: np.nanpercentile(v, q, axis),
+                                               acc) for q in (0, 10, 90, 100))
+            ax.fill_between(x, low, high, alpha=0.15, label="min-max")
+            ax.fill_between(x, p10, p90, alpha=0.3, label="p10-p90")
+            ax.plot(x, 100 * mean_accuracy(run), marker="o",
+                    label=f"mean over {len(run.clients)} clients")
+        else:
+            for k, series in run.clients.items():
+                acc = 100 * np.asarray(series["test_accuracy"])
+                ax.plot(np.arange(1, len(acc) + 1), acc, marker="o",
+                        label=f"client {k} (classes {_classes(run.classes.get(k, []))})")
         ax.set(xlabel="epoch", ylabel="test accuracy (%)",
                title=f"{run.path.name}: {_cfg(run, 'data.name')} {_cfg(run, 'model.arch')} "
                      f"cut {_cfg(run, 'model.cut')}, {_cfg(run, 'split.topology')}, "
@@ -304,3 +398,24 @@ def plot_modes(runs: list[Run], outdir: Path) -> list[Path]:
                title=f"Mean test accuracy against {xlabel.split(' (')[0]}, a point per epoch")
         paths.append(_save(fig, ax, outdir / f"accuracy_vs_{name}.png"))
     return paths
+
+
+def plot_client_accuracy(runs: list[Run], outdir: Path) -> list[Path]:
+    """``client_accuracy_cdf.png`` when a run has more than MANY_CLIENTS clients: the
+    empirical CDF of its clients' final test accuracies (each client's last evaluated
+    one), a line per such run; unfinished runs dashed."""
+    runs = [r for r in runs if many(r) and r.epochs]
+    if not runs:
+        return []
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for run, label in zip(runs, names(runs)):
+        acc = np.sort(100 * final_accuracy(run))
+        acc = acc[np.isfinite(acc)]
+        ax.step(acc, np.arange(1, len(acc) + 1) / max(len(acc), 1), where="post",
+                label=f"{label} ({len(acc)} clients)" + ("" if run.finished else
+                                                          " (unfinished)"),
+                linestyle="-" if run.finished else "--")
+    ax.set(xlabel="final test accuracy (%)", ylabel="fraction of clients at or below",
+           title="Clients' final test accuracy (empirical CDF)", ylim=(0, 1.02))
+    return [_save(fig, ax, outdir / "client_accuracy_cdf.png")]
