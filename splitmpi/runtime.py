@@ -1,10 +1,16 @@
 """What a rank knows about where it runs: communicators, device, threads, waiting."""
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import signal
+import sys
 import time
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -19,6 +25,103 @@ log = logging.getLogger(__name__)
 
 SERVER = 0
 STOPPED = 75  # exit code: stopped by SIGUSR1/SIGTERM after a checkpoint; resume to go on
+DEFER_DYNAMO = "SPLITMPI_DEFER_DYNAMO"  # =0: let torch import torch._dynamo as it would
+
+
+class _DeferredDynamo(types.ModuleType):
+    """Stands in for ``torch._dynamo`` until something needs more than eager optimizers do.
+
+    ``torch.optim`` imports ``torch._dynamo`` at an optimizer's first ``add_param_group``
+    and in every ``step`` only to call ``disable(fn)`` and ``graph_break()``, which do
+    nothing in an eager process; the import brings sympy, triton and torch._inductor along:
+    45-70 MB of a rank's memory in a run (110 MB in a process alone) and 1.5 s of CPU at
+    start (BENCHMARKS.md and docs/profiling.md, Memory per rank).
+    Any other use (an attribute, ``from torch._dynamo import x``, ``import torch._dynamo.x``,
+    ``torch.compile``) imports the real module in its place first and goes on with it; a
+    function ``disable`` wrapped before then defers to the real ``disable`` from then on."""
+
+    def __init__(self):
+        super().__init__("torch._dynamo")
+        object.__setattr__(self, "_real", None)
+
+    def disable(self, fn=None, recursive=True, **kw):
+        if fn is None:
+            return lambda f: self.disable(f, recursive, **kw)
+        disabled = []
+
+        def run(*args, **kwargs):
+            if self._real is None:
+                return fn(*args, **kwargs)
+            if not disabled:
+                disabled.append(self._real.disable(fn, recursive, **kw))
+            return disabled[0](*args, **kwargs)
+        return run
+
+    def graph_break(self, *args, **kwargs):
+        if self._real is not None:
+            return self._real.graph_break(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name.startswith("__") and name not in ("__path__", "__all__"):
+            raise AttributeError(name)  # probes such as inspect.getmodule's __file__
+        return getattr(self._load(name), name)
+
+    def __setattr__(self, name, value):  # a submodule imported through the stand-in
+        if self._real is not None:
+            setattr(self._real, name, value)
+        object.__setattr__(self, name, value)
+
+    def _load(self, why: str):
+        if self._real is None:
+            log.debug(f"torch._dynamo imported after all (for {why!r})")
+            if sys.modules.get("torch._dynamo") is self:
+                del sys.modules["torch._dynamo"]
+            if torch.__dict__.get("_dynamo") is self:
+                del torch._dynamo
+            object.__setattr__(self, "_real", importlib.import_module("torch._dynamo"))
+        return self._real
+
+
+class _ImportedAlready(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``import torch._dynamo.x`` through the stand-in: its ``__path__`` imports the real
+    package, which may import ``x`` itself; then hand back that module, not a second copy.
+    (An import finds a module already in ``sys.modules`` only there; a reload, which passes
+    its ``target``, is left alone.)"""
+
+    def find_spec(self, name, path, target=None):
+        if target is None and name.startswith("torch._dynamo.") and name in sys.modules:
+            return importlib.machinery.ModuleSpec(name, self)
+        return None
+
+    def create_module(self, spec):
+        module = sys.modules[spec.name]
+        self._spec = module.__spec__
+        return module
+
+    def exec_module(self, module):
+        if getattr(module, "__spec__", None) is not self._spec:  # the machinery set ours
+            try:
+                module.__spec__ = self._spec
+            except AttributeError:  # a module that refuses (it kept its own then)
+                pass
+
+
+def defer_dynamo() -> bool:
+    """Put ``_DeferredDynamo`` in place of ``torch._dynamo`` unless it is imported already
+    or ``SPLITMPI_DEFER_DYNAMO=0``. True where the stand-in is (now) in place."""
+    current = sys.modules.get("torch._dynamo")
+    if isinstance(current, _DeferredDynamo):
+        return True
+    if current is not None or os.environ.get(DEFER_DYNAMO, "1") == "0":
+        return False
+    if importlib.util.find_spec("torch._dynamo") is None:
+        return False
+    stand_in = _DeferredDynamo()
+    sys.modules["torch._dynamo"] = stand_in
+    torch._dynamo = stand_in
+    if not any(isinstance(f, _ImportedAlready) for f in sys.meta_path):
+        sys.meta_path.insert(0, _ImportedAlready())
+    return True
 
 
 class StopFlag:

@@ -143,3 +143,60 @@ print("resnet50", "torchvision" in sys.modules)
                           env=mpirun.env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["cnn5", "False", "resnet50", "True"], proc.stdout
+
+
+def test_a_client_rank_does_not_import_h5py():
+    """Only the server writes the results file: a client rank's modules (and the entry point,
+    which imports ``server`` and ``results`` on rank 0 only) leave h5py out (12 MB a rank)."""
+    probe = """
+import sys
+from splitmpi import cli, client, runtime, checkpoint, data, models, sharing, transport
+print("h5py" in sys.modules, "splitmpi.server" in sys.modules, "splitmpi.results" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=mpirun.env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False", "False"], proc.stdout
+
+
+def test_torch_dynamo_stays_out_of_an_eager_run_until_something_needs_it():
+    """``runtime.defer_dynamo``: an optimizer's whole life (add_param_group, zero_grad, step,
+    state_dict, load_state_dict) leaves torch._dynamo, sympy and triton unimported (110 MB a
+    rank); ``import torch._dynamo.x`` then gets the real package and the one copy of x, and
+    torch.compile works."""
+    probe = """
+import sys, torch
+from splitmpi import runtime
+assert runtime.defer_dynamo() and runtime.defer_dynamo()  # twice: still one stand-in
+net = torch.nn.Linear(4, 2)
+opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+for _ in range(2):
+    opt.zero_grad()
+    net(torch.randn(3, 4)).sum().backward()
+    opt.step()
+opt.load_state_dict(opt.state_dict())
+print(type(sys.modules["torch._dynamo"]).__name__, "sympy" in sys.modules,
+      "triton" in sys.modules)
+import torch._dynamo.debug_utils as d  # not imported by torch._dynamo's __init__
+import torch._dynamo.config as c  # imported by it
+print(type(torch._dynamo).__name__, d is torch._dynamo.debug_utils,
+      c is torch._dynamo.config is sys.modules["torch._dynamo.config"])
+print(torch.compile(lambda x: x + 1, backend="eager")(torch.zeros(1)).item())
+"""
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=mpirun.env({"SPLITMPI_DEFER_DYNAMO": None}), timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["_DeferredDynamo", "False", "False",
+                                   "module", "True", "True", "1.0"], proc.stdout
+
+
+def test_the_deferral_can_be_turned_off():
+    probe = """
+import sys, torch
+from splitmpi import runtime
+print(runtime.defer_dynamo(), "torch._dynamo" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=mpirun.env({"SPLITMPI_DEFER_DYNAMO": "0"}), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False"], proc.stdout
