@@ -41,7 +41,9 @@ VOLATILE = {"train": {"epochs", "resume", "checkpoint_every", "checkpoint_dir", 
 # existed did (None: irrelevant to such a run, so whatever the resuming run says).
 ADDED = {"split": {"share_bn": "average", "bn_recalibrate_batches": None,
                    "share_optimizer": "keep", "share_weights": "equal", "mode": "sl"},
-         "data": {"emnist_split": None}, "comm": {"compress": "none", "compress_grad": False},
+         "data": {"emnist_split": None, "shards_per_client": None, "test_limit": 0},
+         "clients": {"per_epoch": 1.0, "eval_every": 1},
+         "comm": {"compress": "none", "compress_grad": False},
          "server": {"batch_clients": None},
          "defense": {"grad_clip": 0.0, "grad_noise": 0.0, "grad_maxnorm": False, "act_clip": 0.0,
                      "act_epsilon": 0.0, "act_delta": 1e-5}}

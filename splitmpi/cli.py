@@ -12,10 +12,9 @@ import traceback
 
 from mpi4py import MPI
 
-from . import checkpoint, client, config, data, logs, models, server
+from . import checkpoint, client, config, data, logs, models
 from .errors import ConfigError
-from .results import ResultsWriter
-from .runtime import STOPPED, check_launch, make_context
+from .runtime import STOPPED, check_launch, defer_dynamo, make_context
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     logs.setup(rank, args.verbosity)
+    defer_dynamo()  # torch.optim's import of torch._dynamo: ~50 MB a rank, unused here
+    if rank == 0:  # only rank 0 is the server (its results file: h5py); the clients never
+        from . import server  # use the name ``server`` below, so they do not import it
     agree(world, lambda: check_launch(world.Get_size(), os.environ))
     if args.list_cuts:
         table = agree(world, lambda: list_cuts(config.load(args.config, args.overrides)))
@@ -119,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     if saved:
         (server if ctx.is_server else client).restore(role, saved["state"])
     if ctx.is_server:
-        log.info(f"splitmpi: {clients} clients, world size {world.Get_size()}, "
+        from .results import ResultsWriter
+        log.info(f"splitmpi: {role.clients} clients on {clients} client ranks, world size "
+                 f"{world.Get_size()}, "
                  f"device {ctx.device}, output {cfg.output}"
                  + (f", resuming after epoch {start} from {folder}" if folder else ""))
         log.info("config:\n" + cfg.to_yaml().rstrip())
-        writer = ResultsWriter(cfg, world.Get_size(), clients, start)
+        writer = ResultsWriter(cfg, world.Get_size(), role.clients, start)
         stopped = server.run(ctx, role, writer, start or 0)
     else:
         stopped = client.run(ctx, role, start or 0)

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import importlib
 import json
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from .errors import ConfigError
 
 # A partition is a named scheme or an explicit class list per client; the note is how the
 # list form reads in errors and in --help.
-Partition = Literal["blocks", "iid", "dirichlet"] | Annotated[
+Partition = Literal["blocks", "iid", "dirichlet", "shards"] | Annotated[
     list, "a list of class lists, e.g. [[0,1,2,3],[4,5,6],[7,8,9]]"]
 
 # The built-in data sets (``data.DATASETS`` reads them); a user's own is "package.module:function".
@@ -62,10 +63,14 @@ class DataConfig:
     """Folder holding the data sets (see the README for the layout of each)."""
     partition: Partition = "blocks"
     """Which classes each client holds: ``blocks`` (contiguous class blocks, 0-3/4-6/7-9
-    for 3 clients), ``iid``, ``dirichlet`` (see ``dirichlet_alpha``), or one class list
-    per client."""
+    for 3 clients), ``iid``, ``dirichlet`` (see ``dirichlet_alpha``), ``shards`` (the
+    training set sorted by label, cut into clients x ``shards_per_client`` equal shards,
+    each client given that many at random: the federated-learning benchmark convention),
+    or one class list per client."""
     dirichlet_alpha: float = 0.5
     """Concentration of the ``dirichlet`` partition: smaller is more skewed."""
+    shards_per_client: int = 2
+    """``shards`` only: the shards of sorted labels each client gets."""
     image_size: int = 0
     """0: the data set's own (mnist 28, cifar10 32, imagenet 224); else resize to this."""
     channels: int = 3
@@ -78,6 +83,9 @@ class DataConfig:
     """synthetic only: test samples over all classes."""
     limit: int = 0
     """>0: use at most this many train (and test) samples per client, for quick runs."""
+    test_limit: int = 0
+    """>0: use at most this many test samples per client (instead of ``limit``): with
+    many clients, each evaluates on a sample of the test split of its classes."""
     workers: int = 0
     """DataLoader worker processes per client; 0 loads in the client's own process."""
     emnist_split: Literal["balanced", "byclass", "bymerge", "digits", "letters",
@@ -87,7 +95,8 @@ class DataConfig:
     def validate(self) -> None:
         _check_name("data.name", self.name, DataName)
         _at_least(1, "data", self, "num_classes", "channels", "train_size", "test_size")
-        _at_least(0, "data", self, "limit", "workers")
+        _at_least(0, "data", self, "limit", "workers", "test_limit")
+        _at_least(1, "data", self, "shards_per_client")
         _positive("data", self, "dirichlet_alpha")
         if self.image_size < 0 or (0 < self.image_size < 8):
             raise ConfigError(f"data.image_size={self.image_size} is too small",
@@ -234,12 +243,38 @@ class ServerConfig:
 @dataclass
 class ClientsConfig:
     count: int = 0
-    """0: world size - 1; otherwise the launch must match it."""
-    delay_ms: list = field(default_factory=list)
-    """Per client: simulated network delay per request, in milliseconds."""
+    """The logical clients, N; 0: one per client rank (world size - 1). N may exceed the
+    client ranks: each rank then hosts a contiguous block of clients (docs/scale.md)."""
+    per_epoch: Annotated[int, "a number of clients"] | Annotated[
+        float, "a fraction of clients.count in (0, 1]"] = 1.0
+    """The clients that train (and share) in each epoch: a count (an integer) or a
+    fraction of clients.count (a number with a point; 1.0 = all), drawn afresh each epoch
+    from train.seed and recorded in the results file (/clients/participated)."""
+    eval_every: int = 1
+    """Evaluate every client after every this many epochs (and always after the last);
+    0: only after the last. Epochs without evaluation have NaN test metrics."""
+    delay_ms: list | Annotated[str, "uniform:LO,HI or lognormal:MU,SIGMA"] = field(
+        default_factory=list)
+    """Simulated network delay of each client, in milliseconds: a request leaves no
+    sooner than this after the client's previous step ended. One value per client, or a
+    distribution each client draws its delay from once (seeded): ``uniform:LO,HI``, or
+    ``lognormal:MU,SIGMA`` (exp(N(MU, SIGMA^2)) ms)."""
 
     def validate(self) -> None:
-        _at_least(0, "clients", self, "count")
+        _at_least(0, "clients", self, "count", "eval_every")
+        if isinstance(self.per_epoch, float) and not 0 < self.per_epoch <= 1:
+            raise ConfigError(f"clients.per_epoch={self.per_epoch} is a fraction outside "
+                              "(0, 1]", "give a fraction in (0, 1], e.g. 0.1, or a count "
+                              "of clients (an integer), e.g. 10")
+        if isinstance(self.per_epoch, int) and self.per_epoch < 1:
+            raise ConfigError(f"clients.per_epoch={self.per_epoch} is not positive",
+                              "give a count of 1 or more, or a fraction such as 0.1")
+        if self.count and isinstance(self.per_epoch, int) and self.per_epoch > self.count:
+            raise ConfigError(f"clients.per_epoch={self.per_epoch} is more than "
+                              f"clients.count={self.count}",
+                              f"set clients.per_epoch to at most {self.count}")
+        if isinstance(self.delay_ms, str):
+            parse_delay(self.delay_ms)
 
 
 @dataclass
@@ -606,20 +641,69 @@ def check_world(cfg: Config, world_size: int) -> int:
     if world_size < 2:
         raise ConfigError(f"splitmpi needs a server and at least one client, got {world_size} "
                           "rank", "launch with mpirun -n 1+CLIENTS, e.g. mpirun -n 4 for 3 clients")
-    clients = world_size - 1
+    ranks = world_size - 1
     count = cfg.clients.count
-    if count and count != clients:
-        raise ConfigError(f"clients.count={count} but the world has {world_size} ranks "
-                          f"({clients} clients + server)",
-                          f"launch with mpirun -n {count + 1}, or set clients.count={clients}")
+    if count and count < ranks:
+        raise ConfigError(f"clients.count={count} is smaller than the {ranks} client ranks "
+                          f"of this launch ({world_size} ranks: {ranks} clients + server)",
+                          f"launch with mpirun -n {count + 1}, or set clients.count to "
+                          f"{ranks} or more (a rank may host many clients, not none)")
+    clients = count or ranks
+    if isinstance(cfg.clients.per_epoch, int) and cfg.clients.per_epoch > clients:
+        raise ConfigError(f"clients.per_epoch={cfg.clients.per_epoch} is more than the "
+                          f"{clients} clients of this run",
+                          f"set clients.per_epoch to at most {clients}, or a fraction")
     delays = cfg.clients.delay_ms
-    if delays and (len(delays) != clients or not all(
-            isinstance(d, (int, float)) and d >= 0 for d in delays)):
-        raise ConfigError(f"clients.delay_ms={delays} must hold one delay >= 0 per client "
-                          f"({clients})", f"e.g. clients.delay_ms=[{', '.join(['0'] * clients)}]")
+    if isinstance(delays, list) and delays and (len(delays) != clients or not all(
+            isinstance(d, (int, float)) and not isinstance(d, bool) and d >= 0
+            for d in delays)):
+        raise ConfigError(f"clients.delay_ms={_short(delays)} must hold one delay >= 0 per "
+                          f"client ({clients})",
+                          f"e.g. clients.delay_ms=[{', '.join(['0'] * min(clients, 4))}"
+                          f"{', ...' if clients > 4 else ''}], or a distribution such as "
+                          "uniform:0,20")
+    if clients > ranks:
+        for key, on, fix in (
+                ("split.mode=sfl_v1", cfg.split.mode == "sfl_v1",
+                 "use split.mode=sfl_v2 or sl, or one client per rank"),
+                ("audit=true", cfg.audit, "drop audit, or run one client per rank"),
+                ("attack.labels=true", cfg.attack.labels,
+                 "drop attack.labels, or run one client per rank"),
+                ("data.workers>0", cfg.data.workers > 0, "set data.workers=0")):
+            if on:
+                raise ConfigError(f"{key} is not supported with more clients "
+                                  f"(clients.count={clients}) than client ranks ({ranks})",
+                                  fix)
     part = cfg.data.partition
     if isinstance(part, list) and len(part) != clients:
-        raise ConfigError(f"data.partition lists {len(part)} clients but the world has "
-                          f"{clients} clients", f"launch with mpirun -n {len(part) + 1} or give "
-                          f"{clients} class lists")
-    return clients
+        raise ConfigError(f"data.partition lists {len(part)} clients but the run has "
+                          f"{clients} clients", f"set clients.count={len(part)} (and launch "
+                          f"at most {len(part) + 1} ranks), or give {clients} class lists")
+    return ranks
+
+
+DISTRIBUTIONS = {"uniform": ("LO", "HI"), "lognormal": ("MU", "SIGMA")}
+
+
+def parse_delay(text: str) -> tuple[str, float, float]:
+    """``uniform:LO,HI`` or ``lognormal:MU,SIGMA`` -> (name, a, b), or a ConfigError."""
+    name, _, args = text.partition(":")
+    fix = ("set clients.delay_ms to a list of one delay per client, uniform:LO,HI "
+           "(milliseconds) or lognormal:MU,SIGMA (the delay is exp(N(MU, SIGMA^2)) ms), "
+           "e.g. clients.delay_ms=uniform:0,20")
+    try:
+        a, b = (float(v) for v in args.split(","))
+    except ValueError:
+        raise ConfigError(f"clients.delay_ms={text!r} does not parse", fix) from None
+    if name not in DISTRIBUTIONS or not (math.isfinite(a) and math.isfinite(b)):
+        raise ConfigError(f"clients.delay_ms={text!r} does not parse", fix)
+    if (name == "uniform" and not 0 <= a <= b) or (name == "lognormal" and b < 0):
+        raise ConfigError(f"clients.delay_ms={text!r}: "
+                          + ("uniform needs 0 <= LO <= HI" if name == "uniform"
+                             else "lognormal needs SIGMA >= 0"), fix)
+    return name, a, b
+
+
+def _short(values: list) -> str:
+    """A list as an error message shows it: the first few values."""
+    return str(values) if len(values) <= 6 else f"[{', '.join(map(str, values[:6]))}, ...]"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -571,23 +571,40 @@ def _owners_by_class(targets: np.ndarray, lists: list[list[int]],
 
 def _owners_dirichlet(targets: np.ndarray, clients: int, alpha: float,
                       rng: np.random.Generator) -> np.ndarray:
-    """Per class, shares ~ Dirichlet(alpha); then empty clients take one sample each."""
+    """Per class, shares ~ Dirichlet(alpha); then empty clients take one sample each, from
+    the client that holds the most at that moment."""
     owner = np.empty(len(targets), dtype=np.int64)
     for label in np.unique(targets):
         members = rng.permutation(np.flatnonzero(targets == label))
         cuts = (np.cumsum(rng.dirichlet([alpha] * clients)) * len(members)).astype(int)[:-1]
         for client, part in enumerate(np.split(members, cuts)):
             owner[part] = client
-    for client in range(clients):
-        if not np.any(owner == client):
-            donor = np.argmax(np.bincount(owner, minlength=clients))
-            owner[np.flatnonzero(owner == donor)[0]] = client
+    held = np.bincount(owner, minlength=clients)
+    for client in np.flatnonzero(held == 0):
+        donor = int(np.argmax(held))
+        owner[np.flatnonzero(owner == donor)[0]] = client
+        held[donor] -= 1
+        held[client] += 1
+    return owner
+
+
+def _owners_shards(targets: np.ndarray, clients: int, per_client: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """The samples sorted by label (a stable sort, so by index within a label) and cut
+    into ``clients * per_client`` shards of equal size (to one sample); each client gets
+    ``per_client`` of them, drawn at random."""
+    order = np.argsort(targets, kind="stable")
+    shards = np.array_split(order, clients * per_client)
+    owner = np.empty(len(targets), dtype=np.int64)
+    for shard, client in zip(shards, rng.permutation(clients * per_client) // per_client):
+        owner[shard] = client
     return owner
 
 
 def partition(targets: np.ndarray, num_classes: int, clients: int, cfg: DataConfig,
               seed: int) -> list[np.ndarray]:
-    """Sorted train indices of each client; the same inputs give the same split everywhere."""
+    """Sorted train indices of each client; the same inputs give the same split everywhere.
+    Any client left without samples is a ConfigError naming the fix."""
     targets = np.asarray(targets, dtype=np.int64)
     rng = np.random.default_rng(seed)
     if cfg.partition == "iid":
@@ -600,9 +617,29 @@ def partition(targets: np.ndarray, num_classes: int, clients: int, cfg: DataConf
                               f"but there are {len(targets)} samples for {clients} clients",
                               "use fewer clients or more data")
         owner = _owners_dirichlet(targets, clients, cfg.dirichlet_alpha, rng)
+    elif cfg.partition == "shards":
+        owner = _owners_shards(targets, clients, cfg.shards_per_client, rng)
     else:
         owner = _owners_by_class(targets, _class_lists(num_classes, clients, cfg), rng)
-    return [np.flatnonzero(owner == client) for client in range(clients)]
+    held = np.bincount(owner[owner >= 0], minlength=clients)
+    if not held.all():
+        empty = np.flatnonzero(held == 0) + 1
+        raise ConfigError(f"data.partition={_describe_partition(cfg)} leaves "
+                          f"{len(empty)} of {clients} clients without training samples "
+                          f"(client {', '.join(map(str, empty[:5]))}"
+                          f"{', ...' if len(empty) > 5 else ''}; {len(targets)} samples)",
+                          "use fewer clients (clients.count), more data"
+                          + (", or fewer data.shards_per_client" if cfg.partition == "shards"
+                             else "") + ", or another data.partition (iid, dirichlet)")
+    # each client's indices, sorted: one stable sort by owner, cut by the counts
+    order = np.argsort(owner, kind="stable")
+    return np.split(order[owner[order] >= 0], np.cumsum(held)[:-1])
+
+
+def _describe_partition(cfg: DataConfig) -> str:
+    part = cfg.partition
+    return f"{part} ({cfg.shards_per_client} per client)" if part == "shards" else (
+        part if isinstance(part, str) else "[class lists]")
 
 
 # --- per-client data sets and loaders ------------------------------------------------------
@@ -619,28 +656,69 @@ def _cap(indices: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarra
     return np.sort(rng.permutation(indices)[:limit])
 
 
-def client_datasets(cfg: Config, client: int, clients: int) -> tuple[Dataset, Dataset, list[int]]:
-    """(train subset, test subset, classes) of client ``client`` in 1..clients.
+class Shards:
+    """The data of the clients one rank hosts (``ids``, of ``clients`` in all): the data
+    sets are loaded and the partition computed once, and each client's subsets and
+    loaders are made when asked for, so a rank hosting thousands of clients keeps only
+    their train indices.
 
-    The classes are the labels in the client's full train shard; its test subset holds
+    A client's classes are the labels in its full train shard; its test subset holds
     exactly the test samples of those classes, so it measures the classes it learns.
-    """
-    if not 1 <= client <= clients:
-        raise ValueError(f"client {client} is not in 1..{clients}")
-    train, test = _load(cfg.data)
-    num_classes = spec(cfg.data).num_classes
-    shards = partition(targets_of(train), num_classes, clients, cfg.data, cfg.train.seed)
-    mine = shards[client - 1]
-    if len(mine) == 0:
-        raise ConfigError(f"client {client} gets no training samples under "
-                          f"data.partition={cfg.data.partition}",
-                          "use fewer clients or give every client a class with samples")
-    classes = np.unique(targets_of(train)[mine])
-    test_mine = np.flatnonzero(np.isin(targets_of(test), classes))
-    rng = np.random.default_rng(_client_seed(cfg.train.seed, client))
-    mine, test_mine = _cap(mine, cfg.data.limit, rng), _cap(test_mine, cfg.data.limit, rng)
-    return (Subset(train, mine.tolist()), Subset(test, test_mine.tolist()),
-            [int(c) for c in classes])
+    ``data.limit`` (and ``data.test_limit`` for the test subset) cap both with a seeded
+    choice of the client's own."""
+
+    def __init__(self, cfg: Config, ids: Iterable[int], clients: int):
+        self.cfg = cfg
+        self.train, self.test = _load(cfg.data)
+        targets = targets_of(self.train)
+        self.test_targets = targets_of(self.test)
+        shards = partition(targets, spec(cfg.data).num_classes, clients, cfg.data,
+                           cfg.train.seed)
+        self.full = {}
+        for k in ids:
+            if not 1 <= k <= clients:
+                raise ValueError(f"client {k} is not in 1..{clients}")
+            self.full[k] = shards[k - 1]
+        self.classes = {k: [int(c) for c in np.unique(targets[mine])]
+                        for k, mine in self.full.items()}
+
+    def indices(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Client k's train and test indices, capped."""
+        mine = self.full[k]
+        test_mine = np.flatnonzero(np.isin(self.test_targets, self.classes[k]))
+        rng = np.random.default_rng(_client_seed(self.cfg.train.seed, k))
+        limits = self.cfg.data
+        return (_cap(mine, limits.limit, rng),
+                _cap(test_mine, limits.test_limit or limits.limit, rng))
+
+    def samples(self, k: int) -> int:
+        """Client k's training samples (after ``data.limit``)."""
+        n = len(self.full[k])
+        return min(n, self.cfg.data.limit) if self.cfg.data.limit > 0 else n
+
+    def datasets(self, k: int) -> tuple[Dataset, Dataset, list[int]]:
+        """(train subset, test subset, classes) of client k."""
+        mine, test_mine = self.indices(k)
+        return (Subset(self.train, mine.tolist()), Subset(self.test, test_mine.tolist()),
+                self.classes[k])
+
+    def loaders(self, k: int) -> tuple[DataLoader, DataLoader, list[int]]:
+        """Train and test loaders of client k. The train loader's ``sampler`` is an
+        ``EpochOrder``: order and augmentations are a function of (seed, client, epoch)."""
+        train, test, classes = self.datasets(k)
+        cfg = self.cfg
+        workers = cfg.data.workers
+        common = dict(batch_size=cfg.train.batch_size, drop_last=False, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+        order = EpochOrder(len(train), cfg.train.seed, k, TRAIN_STREAM)
+        return (DataLoader(Seeded(train), sampler=order, generator=_unused(), **common),
+                DataLoader(test, shuffle=False, generator=_unused(), **common), classes)
+
+
+def client_datasets(cfg: Config, client: int, clients: int) -> tuple[Dataset, Dataset, list[int]]:
+    """(train subset, test subset, classes) of client ``client`` in 1..clients
+    (``Shards.datasets``)."""
+    return Shards(cfg, [client], clients).datasets(client)
 
 
 class EpochOrder(torch.utils.data.Sampler):
@@ -697,15 +775,8 @@ TRAIN_STREAM, SAMPLE_STREAM = 0, 1  # EpochOrder streams: training, BatchNorm re
 
 def client_loaders(cfg: Config, client: int,
                    clients: int) -> tuple[DataLoader, DataLoader, list[int]]:
-    """Train and test loaders of one client. The train loader's ``sampler`` is an
-    ``EpochOrder``: order and augmentations are a function of (seed, client, epoch)."""
-    train, test, classes = client_datasets(cfg, client, clients)
-    workers = cfg.data.workers
-    common = dict(batch_size=cfg.train.batch_size, drop_last=False, num_workers=workers,
-                  persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
-    order = EpochOrder(len(train), cfg.train.seed, client, TRAIN_STREAM)
-    return (DataLoader(Seeded(train), sampler=order, generator=_unused(), **common),
-            DataLoader(test, shuffle=False, generator=_unused(), **common), classes)
+    """Train and test loaders of one client (``Shards.loaders``)."""
+    return Shards(cfg, [client], clients).loaders(client)
 
 
 def _unused() -> torch.Generator:

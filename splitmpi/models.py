@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from . import population
 from .config import Config, ModelConfig, TrainConfig, user_function
 from .data import spec
 from .errors import ConfigError
@@ -485,8 +486,7 @@ def load_checkpoint_parts(parts: SplitModel, folder: Path) -> None:
     label_sharing) and client 1's extractor (and classifier, in u_shape)."""
     try:
         server = torch.load(folder / "rank-0.pt", map_location="cpu", weights_only=True)
-        client = torch.load(folder / "rank-1.pt", map_location="cpu", weights_only=True)
-        states = server["state"], client["state"]
+        states = server["state"], population.saved_client(folder, 1)
     except Exception as exc:  # a folder of anything else
         raise ConfigError(f"model.weights={folder} is not a splitmpi checkpoint set "
                           f"({type(exc).__name__}: {str(exc)[:120]})",

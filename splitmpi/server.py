@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import accountant, checkpoint, models, results, schedule, sharing
+from . import accountant, checkpoint, models, population, results, schedule, sharing
 from .audit import ServerAudit
 from .logs import Pace, Progress
 from .runtime import SERVER, Context, clock_offsets
@@ -63,7 +63,8 @@ class Trainable:
 class Request:
     """A client's batch the server has taken, with the times its served stats need (ns)."""
 
-    client: int
+    rank: int  # the client rank that sent it
+    client: int  # the logical client it speaks for (the header's ``client``)
     activation: torch.Tensor
     free: int  # the server turned to it
     got: int  # it had arrived
@@ -78,9 +79,10 @@ class Server:
     schedule: schedule.Schedule
     send_grad: bool  # False when the clients' extractors have nothing to learn (cnn5 cut 0)
     audit: ServerAudit | None  # audit=true: digests of every message received
-    replies: dict = field(default_factory=dict)  # eval features in flight, per client
+    replies: dict = field(default_factory=dict)  # eval features in flight, per client rank
     position: dict | None = None  # a mid-epoch checkpoint's place in its epoch, until resumed
     clock_offsets: dict = field(default_factory=dict)  # ns to add to client k's clock
+    clients: int = 0  # N, the logical clients of the run (the client ranks host them)
     copies: dict[int, Trainable] = field(default_factory=dict)  # sfl_v1: client k's own
     gather: int = 1  # clients whose batches one training step takes (split.mode=parallel)
     # attack.labels: feature-gradient rows received from each client in this train phase
@@ -109,7 +111,8 @@ def prepare(ctx: Context, resume_epochs: int | None) -> Server:
     server = Server(cloud, head, optimizer,
                     schedule.make(cfg.server.schedule, ctx.transport, cfg.split.mode,
                                   cfg.train.seed),
-                    models.has_parameters(parts.extractor), audit)
+                    models.has_parameters(parts.extractor), audit,
+                    clients=population.count(cfg, ctx.client_count))
     if cfg.split.mode == "sfl_v1":  # every client's copy starts as the one model
         for k in range(1, ctx.client_count + 1):
             own = copy.deepcopy((cloud, head))
@@ -156,7 +159,8 @@ def restore(server: Server, saved: dict) -> None:
 def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int = 0) -> bool:
     """Epochs ``start``.. to the end; True when a signal stopped the run after a checkpoint."""
     cfg = ctx.cfg
-    shards = ctx.world.gather(None, root=SERVER)[1:]  # training samples per client
+    shards = {k: n for hosted in ctx.world.gather(None, root=SERVER)[1:]
+              for k, n in hosted.items()}  # training samples per client
     server.clock_offsets = clock_offsets(ctx.world)
     rest = 0.0  # the last epoch's time after its train phase: sharing, evaluation, reports
     for epoch in range(start, cfg.train.epochs):
@@ -166,7 +170,8 @@ def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int 
         at_start = ctx.transport.since(place["counters"])  # as if the epoch were unbroken
         began = time.perf_counter() - place["seconds"]
         title = f"epoch {epoch + 1}/{cfg.train.epochs}"
-        left = {f"client {k}": n - place["served"].get(k, 0) for k, n in enumerate(shards, 1)}
+        members = population.participants(cfg, server.clients, epoch)
+        left = _samples_left(ctx, server, shards, members, place["served"])
         progress = Progress(log, title, sum(left.values()), "samples", Pace.of(cfg.train),
                             totals=left, after=rest, repeats=cfg.train.epochs - epoch - 1)
         server.schedule.begin(epoch)
@@ -178,8 +183,8 @@ def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int 
             steps = sum(s["batches_served"] for s in served.values())
             server.position = {
                 "stats": served, "seconds": time.perf_counter() - began,
-                "served": {k: place["served"].get(k, 0) + progress.parts[f"client {k}"]
-                           for k in served},
+                "served": {part: place["served"].get(part, 0) + n
+                           for part, n in progress.parts.items()},
                 "counters": ctx.transport.since(at_start)}
             checkpoint.save_within(ctx.world, cfg, epoch, state(server), steps)
             writer.close()
@@ -192,39 +197,24 @@ def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int 
         if server.label_rows is not None:
             send_label_rows(ctx, server)
         if server.copies:  # sfl_v1: the copies' sample-weighted mean, in every copy
-            average_copies(server, shards)
+            average_copies(server, [shards[k] for k in sorted(server.copies)])
         trained = time.perf_counter()
-        serve_phase(ctx, server, Kind.EVAL_ACTIVATION, eval_step)
+        if population.evaluates(cfg, epoch):  # else the clients send no test batch
+            serve_phase(ctx, server, Kind.EVAL_ACTIVATION, eval_step)
         for sends in server.replies.values():
             ctx.transport.wait(sends)
         server.replies.clear()
-        reports = {k: ctx.world.recv(source=k, tag=Kind.REPORT)
-                   for k in range(1, ctx.client_count + 1)}
-        if server.audit:
+        from_ranks = [ctx.world.recv(source=r, tag=Kind.REPORT)
+                      for r in range(1, ctx.client_count + 1)]
+        reports = {k: report for r in from_ranks for k, report in r["clients"].items()}
+        if server.audit:  # one client per rank (config.check_world): client k is rank k
             audit_epoch(ctx, server.audit, reports)
         ended = time.perf_counter()
         seconds, rest = ended - began, ended - trained
         for k, report in reports.items():
             report.update(served[k])
-            log.info(f"{title} client {k}: "
-                     f"train loss {report['train_loss']:.4f} acc {report['train_accuracy']:.4f} "
-                     f"| test acc {report['test_accuracy']:.4f} (n={report['test_samples']}) "
-                     f"| {report['samples_per_s']:.0f} samples/s")
-            log.debug(f"{title} client {k}: {report['batches_served']} batches served, "
-                      f"queued {report['queue_wait_seconds']:.1f} s, server idle for it "
-                      f"{report['server_idle_seconds']:.1f} s, computing "
-                      f"{report['server_compute_seconds']:.1f} s, waiting on its classifier "
-                      f"{report['classifier_wait_seconds']:.1f} s, train phase ended at "
-                      f"{report['phase_end_seconds']:.1f} s")
-            if "labels" in report:
-                found = report["labels"]
-                log.info(f"{title} client {k}: label inference from "
-                         f"{found['rows']:.0f} feature-gradient rows: cosine "
-                         f"{found['cosine_accuracy']:.3f}, clusters "
-                         f"{found['cluster_accuracy']:.3f} (named by known rows "
-                         f"{found['cluster_known_accuracy']:.3f}), norm AUC "
-                         f"{found['norm_auc']:.3f}, chance {found['chance']:.3f}")
-        writer.append_epoch(seconds, reports, ctx.transport.counters())
+        _log_clients(title, reports)
+        writer.append_epoch(seconds, reports, [ctx.transport.counters()] + from_ranks)
         if cfg.defense.act_clip > 0:
             log.info(f"{title} DP activations: epsilon "
                      f"{accountant.spent(cfg.defense, cfg.train.epochs, epoch + 1):.4f} at delta "
@@ -232,7 +222,7 @@ def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int 
                      f"{accountant.sigma_of(cfg.defense, cfg.train.epochs):.4f} x act_clip "
                      f"{cfg.defense.act_clip:g})")
         log.info(f"{title} done in {seconds:.1f} s")
-        stop = bool(ctx.stop.signal) or any(r["stop_requested"] for r in reports.values())
+        stop = bool(ctx.stop.signal) or any(r["stop_requested"] for r in from_ranks)
         every = cfg.train.checkpoint_every
         save = stop or (every > 0 and (epoch + 1) % every == 0)
         if checkpoint.boundary(ctx.world, cfg, epoch + 1, lambda: state(server), (save, stop)):
@@ -242,6 +232,68 @@ def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int 
             return True
     writer.finish()
     return False
+
+
+LOGGED_CLIENTS = 16  # more clients than this: one summary line per epoch, not one each
+
+
+def _samples_left(ctx: Context, server: Server, shards: dict[int, int], members,
+                  served: dict[str, int]) -> dict[str, int]:
+    """The samples of this epoch's train phase, per part of the progress line: per client
+    while there are few, else per client rank (``served``: what a stopped run had done)."""
+    if server.clients <= LOGGED_CLIENTS:
+        left = {f"client {k}": shards[k] for k in members}
+    else:
+        left = defaultdict(int)
+        for r in range(1, ctx.client_count + 1):
+            hosted = population.hosted(r, ctx.client_count, server.clients)
+            left[f"rank {r}"] = sum(shards[k] for k in members if k in hosted)
+    return {part: n - served.get(part, 0) for part, n in left.items()}
+
+
+def _part(server: Server, r: Request) -> str:
+    """The part of the progress line a request counts in (``_samples_left``)."""
+    return f"client {r.client}" if server.clients <= LOGGED_CLIENTS else f"rank {r.rank}"
+
+
+def _log_clients(title: str, reports: dict[int, dict]) -> None:
+    """One line per client (and its label inference, if measured), or with many clients
+    the distribution of the clients that took part (or were evaluated)."""
+    if len(reports) > LOGGED_CLIENTS:
+        took = [r for r in reports.values() if r["participated"]]
+        tested = [r["test_accuracy"] for r in reports.values() if r["test_samples"]]
+        line = (f"{title}: {len(took)} of {len(reports)} clients trained, train loss mean "
+                f"{np.mean([r['train_loss'] for r in took]):.4f}")
+        if tested:
+            q = np.percentile(tested, [0, 10, 50, 90, 100])
+            line += (f" | test acc of {len(tested)} clients: mean {np.mean(tested):.4f}, "
+                     f"min/p10/p50/p90/max " + "/".join(f"{v:.3f}" for v in q))
+        log.info(line)
+        return
+    for k, report in reports.items():
+        if not report["participated"]:
+            log.info(f"{title} client {k}: did not take part"
+                     + (f" | test acc {report['test_accuracy']:.4f}"
+                        if report["test_samples"] else ""))
+            continue
+        log.info(f"{title} client {k}: "
+                 f"train loss {report['train_loss']:.4f} acc {report['train_accuracy']:.4f} "
+                 f"| test acc {report['test_accuracy']:.4f} (n={report['test_samples']}) "
+                 f"| {report['samples_per_s']:.0f} samples/s")
+        log.debug(f"{title} client {k}: {report['batches_served']} batches served, "
+                  f"queued {report['queue_wait_seconds']:.1f} s, server idle for it "
+                  f"{report['server_idle_seconds']:.1f} s, computing "
+                  f"{report['server_compute_seconds']:.1f} s, waiting on its classifier "
+                  f"{report['classifier_wait_seconds']:.1f} s, train phase ended at "
+                  f"{report['phase_end_seconds']:.1f} s")
+        if "labels" in report:
+            found = report["labels"]
+            log.info(f"{title} client {k}: label inference from "
+                     f"{found['rows']:.0f} feature-gradient rows: cosine "
+                     f"{found['cosine_accuracy']:.3f}, clusters "
+                     f"{found['cluster_accuracy']:.3f} (named by known rows "
+                     f"{found['cluster_known_accuracy']:.3f}), norm AUC "
+                     f"{found['norm_auc']:.3f}, chance {found['chance']:.3f}")
 
 
 def average_copies(server: Server, shards: list[int]) -> None:
@@ -296,7 +348,9 @@ def serve_phase(ctx: Context, server: Server, kind: Kind, step,
     the part of the phase before a mid-epoch checkpoint. In the train phase (``progress``
     given) a signal stops serving (module doc), and a step takes the requests of up to
     ``server.gather`` clients; returns the stats per client and the clients that stopped
-    before the end of their shard, with how."""
+    before the end of their shard, with how. Requests come from client ranks and name the
+    logical client they speak for: the schedule picks among ranks, the stats are per
+    logical client, and a rank's empty activation ends the phase of all its clients."""
     t = ctx.transport
     active, stopped = list(range(1, ctx.client_count + 1)), {}
     stats = defaultdict(lambda: {**dict.fromkeys(SERVE_SERIES, 0.0), "batches_served": 0})
@@ -308,7 +362,7 @@ def serve_phase(ctx: Context, server: Server, kind: Kind, step,
             t.stopping = True
         group = []
         while len(group) < size:
-            others = [k for k in active if all(r.client != k for r in group)]
+            others = [k for k in active if all(r.rank != k for r in group)]
             if not others:
                 break
             free = time.monotonic_ns()  # the server turns to the next request
@@ -316,7 +370,7 @@ def serve_phase(ctx: Context, server: Server, kind: Kind, step,
             if k is None:
                 break
             a = t.recv(k, kind, ctx.device)
-            request = Request(k, a, free, time.monotonic_ns(),
+            request = Request(k, t.client, a, free, time.monotonic_ns(),
                               t.sent_ns + server.clock_offsets.get(k, 0))
             if a.shape[0] > 0:
                 group.append(request)
@@ -326,12 +380,14 @@ def serve_phase(ctx: Context, server: Server, kind: Kind, step,
                 t.stopping = True
                 stopped[k] = "had a signal"
             else:
-                stats[k]["phase_end_seconds"] = time.perf_counter() - start
+                for j in population.hosted(k, ctx.client_count, server.clients):
+                    if j in stats:
+                        stats[j]["phase_end_seconds"] = time.perf_counter() - start
         if progress is not None and t.stopping:
             for r in group:
-                turn_down(ctx, server, r.client)
-                active.remove(r.client)
-                stopped[r.client] = "turned down"
+                turn_down(ctx, server, r.rank)
+                active.remove(r.rank)
+                stopped[r.rank] = "turned down"
             continue
         if not group:
             continue
@@ -347,8 +403,8 @@ def serve_phase(ctx: Context, server: Server, kind: Kind, step,
             s["server_compute_seconds"] += compute
             s["classifier_wait_seconds"] += waited.get(r.client, 0.0)
             if progress is not None:
-                progress.update(r.activation.shape[0], f"client {r.client}")
-    return {k: stats[k] for k in range(1, ctx.client_count + 1)}, stopped
+                progress.update(r.activation.shape[0], _part(server, r))
+    return {k: stats[k] for k in range(1, server.clients + 1)}, stopped
 
 
 def turn_down(ctx: Context, server: Server, k: int) -> None:
@@ -377,18 +433,18 @@ def train_step(ctx: Context, server: Server, group: list[Request]) -> dict[int, 
     sends, waited = [], {}
     if m.head is None:  # u_shape: the clients' classifiers compute the loss
         for r, features in zip(group, h.split(sizes)):
-            sends += t.isend(features, r.client, Kind.FEATURES)
+            sends += t.isend(features, r.rank, Kind.FEATURES)
         grads = []
         for r in group:
             asked = time.perf_counter()
-            grads.append(t.recv(r.client, Kind.FEATURE_GRAD, ctx.device, h.dtype))
+            grads.append(t.recv(r.rank, Kind.FEATURE_GRAD, ctx.device, h.dtype))
             waited[r.client] = time.perf_counter() - asked
             if server.label_rows is not None:
                 keep_label_rows(server, r.client, grads[-1], ctx.cfg.attack.label_rows)
         h.backward(torch.cat(grads))
     else:  # label_sharing: labels came with the activations
         m.head.train()
-        labels = [t.recv(r.client, Kind.LABELS, ctx.device) for r in group]
+        labels = [t.recv(r.rank, Kind.LABELS, ctx.device) for r in group]
         with ctx.autocast():
             logits = m.head(h)
         losses = []
@@ -396,11 +452,11 @@ def train_step(ctx: Context, server: Server, group: list[Request]) -> dict[int, 
             losses.append(nn.functional.cross_entropy(z.float(), y))
             stats = torch.tensor([losses[-1].item() * len(y), float((z.argmax(1) == y).sum())],
                                  dtype=torch.float64)
-            sends += t.isend(stats, r.client, Kind.LOSS)
+            sends += t.isend(stats, r.rank, Kind.LOSS)
         torch.stack(losses).sum().backward()
     if server.send_grad:
         for r, a in zip(group, inputs):
-            sends += t.isend(a.grad, r.client, Kind.ACTIVATION_GRAD)
+            sends += t.isend(a.grad, r.rank, Kind.ACTIVATION_GRAD)
     if len(group) > 1:
         for p in (p for g in m.optimizer.param_groups for p in g["params"] if p.grad is not None):
             p.grad /= len(group)
@@ -422,6 +478,6 @@ def eval_step(ctx: Context, server: Server, group: list[Request]) -> dict[int, f
         if server.head is not None:
             server.head.eval()
             out = server.head(out)
-    ctx.transport.wait(server.replies.pop(r.client, []))
-    server.replies[r.client] = ctx.transport.isend(out, r.client, Kind.FEATURES)
+    ctx.transport.wait(server.replies.pop(r.rank, []))
+    server.replies[r.rank] = ctx.transport.isend(out, r.rank, Kind.FEATURES)
     return {}

@@ -1,7 +1,7 @@
 """Extractor sharing: average the clients' extractors with one Allreduce of one flat buffer.
 
 What the average weighs and what happens to the SGD momentum of the averaged parameters
-are ``split.share_weights`` and ``split.share_optimizer`` (``average_extractor``).
+are ``split.share_weights`` and ``split.share_optimizer`` (``average``).
 
 BatchNorm needs care (``split.share_bn``, measured in ``docs/sharing.md``). Clients with
 different classes see different activation statistics, so the average of their running
@@ -26,9 +26,11 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
+from .population import Bank
+
 _NORM = nn.modules.batchnorm._BatchNorm
 
-# One flat float32 buffer per extractor, kept between epochs: a fresh one would fault in
+# One flat float32 buffer per bank, kept between epochs: a fresh one would fault in
 # and zero new pages every time (resnet50 layer3: 34 MB, 35 ms of the 57 ms on one core).
 _FLAT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -58,59 +60,71 @@ def shared_tensors(extractor: nn.Module, share_bn: str = "average") -> list[torc
     return [p.data for p in params] + stats
 
 
-def _momentum_buffer(optimizer: torch.optim.Optimizer, p: nn.Parameter) -> torch.Tensor:
-    """``p``'s SGD momentum buffer, made zeros (and kept) where no step has made it yet."""
-    state = optimizer.state[p]
-    if state.get("momentum_buffer") is None:
-        state["momentum_buffer"] = torch.zeros_like(p)
-    return state["momentum_buffer"]
+def average(bank: Bank, module: nn.Module, members: list[int], clients: MPI.Comm,
+            participants: int, share_bn: str = "average", share_optimizer: str = "keep",
+            weights: list[float] | None = None) -> int:
+    """Replace the shared part of ``module`` (the extractor, or under SplitFed the
+    classifier) of every participating client by the mean over all participants; returns
+    the bytes reduced. ``members`` are this rank's participants (rows of ``bank``),
+    ``participants`` their number over all ranks.
 
-
-def average_extractor(extractor: nn.Module, clients: MPI.Comm, share_bn: str = "average",
-                      optimizer: torch.optim.Optimizer | None = None,
-                      share_optimizer: str = "keep", samples: int | None = None) -> int:
-    """Replace the shared part of every client's extractor by the mean over all clients;
-    returns the bytes reduced.
-
-    ``samples`` None: every client weighs the same (the plain mean). Otherwise each client
-    scales its tensors by its ``samples`` before the sum and the sum is divided by the
-    total, which travels as one extra element of the same buffer.
+    Each rank sums its members' shared columns (scaled by their ``weights``, when given)
+    into one flat buffer, in id order; one Allreduce over the client ranks sums the ranks'
+    sums; the mean goes back into every member's row. ``weights`` None: every client
+    weighs the same and the sum is divided by ``participants``; otherwise by the total
+    weight, which travels as one extra element of the same buffer. A rank with no member
+    this epoch takes part in the Allreduce with zeros.
 
     ``share_optimizer`` is what happens to the SGD momentum of the shared parameters (the
     momentum of what stays local is always kept): ``keep`` each client's own, which pulls
     the identical extractors apart again for the next steps; ``average`` it in the same
-    buffer and with the same weights as the parameters; ``reset`` it (dropped, so the next
-    step starts it afresh from the gradient). A client that has no buffer yet counts as
-    zeros and gets the average: SGD (dampening 0) starts a missing buffer as the gradient,
-    which is what a zero buffer gives. SGD without momentum has no buffers: nothing to do.
-    """
-    params, stats = _shared(extractor, share_bn)
-    tensors = [p.data for p in params] + stats
-    momentum = optimizer is not None and optimizer.defaults.get("momentum", 0) != 0
-    if share_optimizer == "average" and momentum:
-        tensors += [_momentum_buffer(optimizer, p) for p in params]
-    if not tensors:
+    buffer and with the same weights as the parameters; ``reset`` it (zeros: the next
+    step starts it afresh from the gradient, as SGD does without a buffer). SGD without
+    momentum has no buffers: nothing to do."""
+    if members:
+        bank.activate(members[0])  # the spans are read off the active row's views
+    rows = [bank.row[k] for k in members]
+    params, stats = _shared(module, share_bn)
+    spans = bank.spans([p.data for p in params] + stats)
+    momentum = bank.momentum is not None
+    averaged = share_optimizer == "average" and momentum
+    # (bank, start, stop) of each piece of the flat buffer, in order
+    pieces = [(bank.values, a, b) for a, b in spans]
+    if momentum:
+        moment_pieces = [(bank.momentum, a, b) for a, b in bank.spans([p.data for p in params])]
+        pieces += moment_pieces if averaged else []
+    total = sum(b - a for _, a, b in pieces)
+    if total == 0:
         return 0
-    sizes = [t.numel() for t in tensors]
-    total = sum(sizes)
-    length = total + (samples is not None)
-    flat = _FLAT.get(extractor)
+    length = total + (weights is not None)
+    flat = _FLAT.get(bank)
     if flat is None or flat.numel() != length:
-        flat = _FLAT[extractor] = torch.empty(length, dtype=torch.float32)
+        flat = _FLAT[bank] = torch.empty(length, dtype=torch.float32)
     values = flat[:total]
-    torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors], out=values)
-    if samples is not None:
-        values *= samples
-        flat[total] = samples
+    values.zero_()
+    for n, i in enumerate(rows):
+        at = 0
+        for rows_of, a, b in pieces:
+            part = rows_of[i, a:b].to("cpu", torch.float32)
+            if weights is not None:
+                part = part * weights[n]
+            values[at:at + b - a] += part
+            at += b - a
+    if weights is not None:
+        flat[total] = float(sum(weights))
     buffer = flat.numpy()
     clients.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
-    values /= clients.Get_size() if samples is None else flat[total]
+    values /= participants if weights is None else flat[total]
+    mean = values.to(bank.values.device)
     with torch.no_grad():
-        for t, part in zip(tensors, values.split(sizes)):
-            t.copy_(part.view_as(t))
-    if share_optimizer == "reset" and momentum:
-        for p in params:
-            optimizer.state.get(p, {}).pop("momentum_buffer", None)
+        for i in rows:
+            at = 0
+            for rows_of, a, b in pieces:
+                rows_of[i, a:b] = mean[at:at + b - a]
+                at += b - a
+            if share_optimizer == "reset" and momentum:
+                for rows_of, a, b in moment_pieces:
+                    rows_of[i, a:b] = 0
     return buffer.nbytes
 
 

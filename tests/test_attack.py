@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import mpirun
-from splitmpi import config, data, models, reader, results
+from splitmpi import config, data, models, population, reader, results
 from splitmpi.attack.cli import main
 from splitmpi.attack.decoder import build_decoder, decoder_attack, stage_shapes
 from splitmpi.attack.images import attack_images
@@ -160,8 +160,8 @@ def test_the_target_trained_here_is_what_a_split_run_trains(tmp_path):
     mpirun.ok(2, *settings, "output=run.h5", cwd=tmp_path)
     net, accuracy = train_split_model(config.load(None, settings), torch.device("cpu"))
     folder = tmp_path / "run.h5.ckpt" / "epoch-00002"
-    server_state, client_state = (torch.load(folder / f"rank-{rank}.pt",
-                                             weights_only=True)["state"] for rank in (0, 1))
+    server_state = torch.load(folder / "rank-0.pt", weights_only=True)["state"]
+    client_state = population.saved_client(folder, 1)
     for part, state in [(net.parts.extractor, client_state["extractor"]),
                         (net.parts.classifier, client_state["classifier"]),
                         (net.parts.cloud, server_state["cloud"])]:
@@ -215,8 +215,8 @@ def test_attack_is_added_to_an_existing_run_file(tmp_path):
     cfg = config.load(None, [f"output={out}"])
     w = ResultsWriter(cfg, 4, 3)
     counters = {c: 1 for c in results.COMM_COUNTERS}
-    w.append_epoch(1.0, {k: {"classes": [k], **{n: 0.5 for n in results.CLIENT_SERIES},
-                             **counters} for k in (1, 2, 3)}, counters)
+    w.append_epoch(1.0, {k: {"classes": [k], **{n: 0.5 for n in results.CLIENT_SERIES}}
+                         for k in (1, 2, 3)}, [counters] * 4)
     w.finish()
     extractor = target(config.load(None, ["model.cut=1", "data.image_size=16"])).extractor
     # the layout of a splitmpi client checkpoint (OUTPUT.ckpt/epoch-N/rank-1.pt)

@@ -80,10 +80,47 @@ def test_the_monolithic_baseline_takes_one_batch_of_each_client_in_turn():
 
 def test_allreduce(tmp_path):
     out, doc = bench(3, "allreduce", tmp_path)
-    assert re.search(r"^ratio average_extractor/raw Allreduce .* at 2 clients: \d+\.\d\d$",
+    assert re.search(r"^ratio sharing.average/raw Allreduce .* at 2 clients: \d+\.\d\d$",
                      out, re.M), out
     models = {(r["arch"], r["cut"]) for r in doc["rows"]}
     assert models == {("cnn5", "1"), ("resnet50", "layer2")}
     for row in doc["rows"]:
         assert row["floats"] > 0 and row["raw_ms"] > 0 and row["average_ms"] > 0
 
+
+def test_memory(tmp_path):
+    """One real 2-rank run, sampled from outside: every rank's figures, in a sane order, and
+    neither of the cuts undone (the client maps no HDF5, nor triton: torch._dynamo stayed out)."""
+    proc = mpirun.alone("memory", "--smoke", "--json", str(tmp_path / "m.json"),
+                        module="splitmpi.bench", cwd=tmp_path, timeout=180)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    doc = json.loads((tmp_path / "m.json").read_text())
+    for key in COMMON:
+        assert key in doc, key
+    assert doc["benchmark"] == "memory" and doc["smoke"] is True
+    assert re.search(r"^ratio deferred/dynamo PSS per rank at 2 ranks: nan; \d+ MB a rank, "
+                     r"\d+\.\d ranks per GiB$", proc.stdout, re.M), proc.stdout
+    assert [(r["variant"], r["ranks"], r["rank"]) for r in doc["rows"]] == [
+        ("deferred", 2, 0), ("deferred", 2, 1)]
+    for row in doc["rows"]:
+        assert 0 < row["uss_mb"] <= row["pss_mb"] <= row["rss_mb"], row
+        assert 100 < row["rss_mb"] < 4000 and row["threads"] >= 1, row  # torch is in it
+    assert doc["rows"][1]["libs"] == [], doc["rows"][1]
+    assert doc["ranks_per_gib"] == pytest.approx(1024 / doc["pss_per_rank_mb"])
+    assert not list(tmp_path.glob("*.h5"))  # the run wrote into a temporary folder
+
+
+def test_clients(tmp_path):
+    """Two real 4-rank runs, 3 and 12 clients on the same samples: each row's figures come
+    from its run (every client trained one batch or more, memory sampled from outside)."""
+    proc = mpirun.alone("clients", "--smoke", "--json", str(tmp_path / "c.json"),
+                        module="splitmpi.bench", cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    doc = json.loads((tmp_path / "c.json").read_text())
+    assert doc["benchmark"] == "clients" and [r["clients"] for r in doc["rows"]] == [3, 12]
+    for row in doc["rows"]:
+        assert row["steps"] >= row["clients"] and row["epoch_s"] > 0, row
+        assert 0.3 < row["peak_GiB"] < 8 and 0 < row["pss_GiB"] <= row["peak_GiB"], row
+        assert row["write_ms"] > 0 and row["read_s"] > 0 and 0 <= row["test_accuracy"] <= 1
+    assert re.search(r"^epoch time of 3 clients / 12 clients on the same 192 samples: "
+                     r"\d+\.\d\d$", proc.stdout, re.M), proc.stdout

@@ -76,11 +76,13 @@ def test_bad_values_name_the_key_and_the_fix(override, words):
     assert err.value.fix
 
 
-def test_world_size_must_match_clients():
+def test_world_size_fits_the_clients():
+    """check_world gives the client ranks; clients.count may exceed them, not fall short."""
     cfg = config.load(None, ["clients.count=3"])
     assert config.check_world(cfg, 4) == 3
+    assert config.check_world(cfg, 3) == 2  # 3 logical clients on 2 client ranks
     with pytest.raises(ConfigError, match="mpirun -n 4"):
-        config.check_world(cfg, 3)
+        config.check_world(cfg, 5)
     with pytest.raises(ConfigError, match="at least one client"):
         config.check_world(config.load(), 1)
     listed = config.load(None, ["data.partition=[[0],[1]]"])
@@ -117,7 +119,8 @@ def test_choices_are_literals_and_the_defaults_are_among_them():
                 config._coerce(f.name, getattr(section, f.name), types[f.name])
     assert found["split.share_bn"] == "average, local, recalibrate"
     assert found["attack.aux"] == "train, others"
-    assert found["data.partition"].startswith("blocks, iid, dirichlet or a list of class lists")
+    assert found["data.partition"].startswith(
+        "blocks, iid, dirichlet, shards or a list of class lists")
     assert {"data.name", "data.emnist_split", "split.topology", "train.device", "train.amp",
             "comm.wire_dtype", "comm.wait", "server.schedule", "attack.method"} < set(found)
 

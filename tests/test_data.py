@@ -420,7 +420,8 @@ def test_iid_is_balanced():
 
 def test_client_without_training_samples():
     cfg = make_cfg(train_size=5)  # only classes 0..4 have samples; client 3 gets 7..9
-    with pytest.raises(ConfigError, match="client 3 gets no training samples"):
+    with pytest.raises(ConfigError,
+                       match=r"leaves 1 of 3 clients without training samples \(client 3;"):
         data.client_datasets(cfg, 3, 3)
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import mpirun
-from splitmpi import config, data, models, reader, sharing
+from splitmpi import config, data, models, population, reader, sharing
 
 CLIENTS = 3  # uneven shards (4/3/3 classes: 2, 1 and 1 batches), and an MPI sum of 3 terms
 # One thread on both sides: the thread count changes CPU results (1 against 2 threads, two
@@ -240,12 +240,31 @@ def states(server: Server, clients: list[Client]) -> dict[int, dict]:
                "copies": {},  # sfl_v1's per-client clouds; split learning has one
                "rng": {"torch": server.rng}, "position": {}, "audit": {}}}
     for c in clients:
+        parts = {"extractor": c.extractor, "classifier": c.classifier}
+        momentum = {f"{part}.{name}": c.optimizer.state[p]["momentum_buffer"]
+                    for part, m in parts.items() if m is not None
+                    for name, p in m.named_parameters()}
         out[c.rank] = {"extractor": c.extractor.state_dict(),
                        "classifier": c.classifier.state_dict() if c.classifier is not None
                        else {},
-                       "optimizer": c.optimizer.state_dict(),
-                       "rng": {"torch": c.rng}, "position": {}, "audit": {}}
+                       "momentum": momentum, "rng": {"torch": c.rng}, "position": {},
+                       "audit": {}}
     return out
+
+
+def saved_client(folder, rank: int, saved: dict, replayed: dict) -> dict:
+    """A client rank's checkpoint (its one client's row of ``population.Bank``) in the
+    replay's terms: the parts' state dicts, each parameter's momentum, the random state."""
+    bank = saved["bank"]
+    assert bank["ids"] == [rank]
+    where = {f"{part}.{name}": (offset, n, shape)
+             for part, name, floating, offset, n, shape in bank["layout"]}
+    momentum = {}
+    for name in replayed["momentum"]:
+        offset, n, shape = where[name]
+        momentum[name] = bank["momentum"][0, offset:offset + n].reshape(shape)
+    return {**population.saved_client(folder, rank), "momentum": momentum,
+            "rng": bank["rng"][0], "position": saved["position"], "audit": saved["audit"]}
 
 
 def replay(cfg: config.Config) -> Iterator[tuple[dict[int, dict], dict[int, dict]]]:
@@ -318,6 +337,8 @@ def test_split_run_is_the_network_trained_in_one_process(tmp_path, one_process, 
         folder = tmp_path / "run.h5.ckpt" / f"epoch-{epoch:05d}"
         for rank, state in replayed.items():
             saved = torch.load(folder / f"rank-{rank}.pt", weights_only=True)["state"]
+            if rank != 0:
+                saved = saved_client(folder, rank, saved, state)
             saved["rng"] = {"torch": saved["rng"]["torch"]}  # CUDA's, if saved, is unused
             found += differences(saved, state, f"epoch {epoch} rank {rank}")
         for k, values in metrics.items():

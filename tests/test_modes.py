@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import mpirun
-from splitmpi import config, reader, sharing
+from splitmpi import config, population, reader, sharing
 from splitmpi.errors import ConfigError
 
 
@@ -112,9 +112,10 @@ def test_one_client_runs_every_mode(tmp_path, mode, extra):
         return
     mpirun.ok(2, *common, "output=sl.h5", cwd=tmp_path)
     for rank, parts in ((0, ("cloud",)), (1, ("extractor", "classifier"))):
-        state = {name: torch.load(tmp_path / f"{name}.h5.ckpt" / "epoch-00002" /
-                                  f"rank-{rank}.pt", weights_only=True)["state"]
-                 for name in ("sl", "mode")}
+        state = {name: (torch.load(folder / "rank-0.pt", weights_only=True)["state"] if rank == 0
+                        else population.saved_client(folder, 1))
+                 for name in ("sl", "mode")
+                 for folder in [tmp_path / f"{name}.h5.ckpt" / "epoch-00002"]}
         for part in parts:
             assert state["sl"][part], (rank, part)
             for name, tensor in state["sl"][part].items():

@@ -7,7 +7,7 @@ import torch
 
 import datasets
 import mpirun
-from splitmpi import config, data, models, reader, sharing
+from splitmpi import config, data, models, population, reader, sharing
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -159,8 +159,7 @@ def accuracy(folder, best=False):
 
 
 def saved_extractors(folder):
-    return [torch.load(folder / f"rank-{k}.pt", weights_only=True)["state"]["extractor"]
-            for k in (1, 2, 3)]
+    return [population.saved_client(folder, k)["extractor"] for k in (1, 2, 3)]
 
 
 def is_norm(name, extractor):

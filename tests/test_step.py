@@ -12,13 +12,14 @@ import copy
 import signal
 import threading
 
+import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from splitmpi import client, config, loopback, models, monolithic, schedule, server
+from splitmpi import client, config, loopback, models, monolithic, population, schedule, server
 from splitmpi.defense import Defense
 from splitmpi.runtime import SERVER, Context, StopFlag
 from splitmpi.transport import DTYPES, HEADER, HEADER_LEN, WIRE_DTYPES, Kind, Transport
@@ -185,12 +186,25 @@ def roles(cfg: config.Config, ctxs, test_loader=None):
     head = None if u_shape else parts.classifier
     cloud_side = server.Server(parts.cloud, head, models.sgd([parts.cloud, head], cfg.train),
                                schedule.make(cfg.server.schedule, ctxs[SERVER].transport),
-                               models.has_parameters(parts.extractor), audit=None)
-    client_side = client.Client(parts.extractor, classifier, Defense(cfg.defense),
-                                models.sgd([parts.extractor, classifier], cfg.train),
-                                train_loader=None, test_loader=test_loader, classes=[],
-                                audit=None)
+                               models.has_parameters(parts.extractor), audit=None, clients=1)
+    optimizer = models.sgd([parts.extractor, classifier], cfg.train)
+    bank = population.Bank({"extractor": parts.extractor, "classifier": classifier}, optimizer,
+                           range(CLIENT, CLIENT + 1), cfg.train.seed)
+    bank.activate(CLIENT)  # as client.prepare: the parts are now views into the bank's row
+    client_side = client.Client(parts.extractor, classifier, Defense(cfg.defense), optimizer,
+                                bank, Given(test_loader), 1, np.zeros(1), audit=None)
     return cloud_side, client_side, whole
+
+
+class Given:
+    """The one client's data as ``client.Client`` asks for it (``data.Shards``): here only
+    the test loader a test gives."""
+
+    def __init__(self, test_loader):
+        self.test_loader = test_loader
+
+    def loaders(self, k: int):
+        return None, self.test_loader, []
 
 
 def assert_same_state(split: nn.Module, whole: nn.Module) -> None:
@@ -235,12 +249,12 @@ def test_one_split_step_is_the_one_process_step(world, stop, arch, cut, topology
     def serve():
         ctx = ctxs[SERVER]
         a = ctx.transport.recv(CLIENT, Kind.ACTIVATION)
-        server.train_step(ctx, cloud_side, [server.Request(CLIENT, a, 0, 0, 0)])
+        server.train_step(ctx, cloud_side, [server.Request(CLIENT, CLIENT, a, 0, 0, 0)])
 
     def step():
         ctx = ctxs[CLIENT]
         return client._finish_step(ctx, client_side,
-                                   *client._send_activation(ctx, client_side, x, y))
+                                   *client._send_activation(ctx, client_side, x, y, 0.0))
 
     torch.manual_seed(1)  # the client's thread draws the defense's randomness from it
     loss, correct = loopback.run(serve, step)[CLIENT]
@@ -278,8 +292,9 @@ def test_evaluation_is_the_one_process_forward(world, stop, arch, cut, topology)
             ctx.transport.wait(sends)
         return served
 
-    served, metrics = loopback.run(serve, lambda: client.evaluate(ctxs[CLIENT], client_side))
+    served, tested = loopback.run(serve, lambda: client.evaluate(ctxs[CLIENT], client_side))
     assert served[CLIENT]["batches_served"] == 2
+    metrics = tested[CLIENT]
 
     assert metrics == monolithic.evaluate(whole, loader)
     assert metrics["test_samples"] == samples
@@ -352,7 +367,7 @@ def test_a_request_turned_down_leaves_the_client_as_it_was(world, stop, topology
         ctx = ctxs[CLIENT]
         undo = client._undo_point(ctx, client_side)
         result = client._finish_step(ctx, client_side,
-                                     *client._send_activation(ctx, client_side, x, y))
+                                     *client._send_activation(ctx, client_side, x, y, 0.0))
         moved = (changed("extractor", client_side.extractor),
                  not torch.equal(torch.get_rng_state(), rng))
         undo()

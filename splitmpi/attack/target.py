@@ -36,7 +36,7 @@ import h5py
 import torch
 from torch import nn
 
-from .. import checkpoint, data, models, monolithic, reader
+from .. import checkpoint, data, models, monolithic, population, reader
 from .. import config as config_mod
 from ..config import Config
 from ..defense import Defense
@@ -210,7 +210,9 @@ def for_run(cfg: Config) -> Config:
                               "or leave attack.client and attack.epoch at their defaults")
         return cfg
     identity = dict(_load_checkpoint(str(folder / "rank-0.pt")).get("identity") or {})
-    clients = int(identity.pop("world_size", 0)) - 1
+    clients = (identity.get("clients") or {}).get("count") or \
+        int(identity.pop("world_size", 0)) - 1
+    identity.pop("world_size", None)
     if not 1 <= cfg.attack.client <= clients:
         raise ConfigError(f"attack.client={cfg.attack.client} is not a client of the run "
                           f"of {folder} (clients 1..{clients})",
@@ -245,8 +247,8 @@ def _run_target(cfg: Config, device: torch.device) -> Target:
     """Client k's extractor, the cloud that served it and the output layer from the epoch
     set ``attack.checkpoint``; utility = their accuracy on client k's test split."""
     folder, k = Path(cfg.attack.checkpoint), cfg.attack.client
-    server, client = (_load_checkpoint(str(folder / f"rank-{r}.pt")).get("state", {})
-                      for r in (0, k))
+    server = _load_checkpoint(str(folder / "rank-0.pt")).get("state", {})
+    client = population.saved_client(folder, k)
     serving = server.get("copies", {}).get(k, server)  # split.mode=sfl_v1: k's own copy
     net = monolithic.build(cfg, device)
     parts = net.parts

@@ -18,12 +18,14 @@ from mpi4py import MPI
 from .. import logs
 from ..cli import abort_on_exception
 from ..errors import ConfigError
-from . import allreduce, train, transport
+from . import allreduce, clients, memory, results, train, transport
 from .harness import BenchError, environment
 
-BENCHES = {"allreduce": allreduce.run, "train": train.run, "transport": transport.run}
+BENCHES = {"allreduce": allreduce.run, "clients": clients.run, "memory": memory.run,
+           "results": results.run, "train": train.run, "transport": transport.run}
 ALL_SCHEDULES = ("round_robin", "sequential", "fifo")
-DEFAULT_REPEATS = {"transport": 7, "allreduce": 7, "train": 3}
+DEFAULT_REPEATS = {"transport": 7, "allreduce": 7, "train": 3, "results": 3, "memory": 1,
+                   "clients": 1}
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +34,17 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m splitmpi.bench",
         description="splitmpi benchmarks; launch under mpiexec (transport: -n 2; train: "
-                    "-n 2 for 1 client, -n 4 for 3 clients; allreduce: -n 3 or more).")
+                    "-n 2 for 1 client, -n 4 for 3 clients; allreduce: -n 3 or more; "
+                    "results: -n 1, the results file at 1,000 and 10,000 clients; "
+                    "memory: no mpiexec, it starts its own runs of 4 and 16 ranks; clients: "
+                    "no mpiexec, it starts its own 4-rank runs of 3 to 3,000 clients).")
     p.add_argument("name", choices=sorted(BENCHES))
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (for tests)")
     p.add_argument("--json", metavar="PATH", help="where to save the results "
                                                   "(default: bench-<name>.json here)")
     p.add_argument("--repeats", type=int, default=0,
-                   help="timed repeats per variant (transport/allreduce 7, train 3)")
+                   help="timed repeats per variant (transport/allreduce 7, train 3, "
+                        "results 3 reads)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repeats first (1)")
     p.add_argument("--arch", default=None,
                    help="train/allreduce: models (cnn5,resnet50; train --smoke: cnn5)")
@@ -51,9 +57,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=0,
                    help="train: samples per batch (cnn5 32, resnet50 4)")
     p.add_argument("--image-size", type=int, default=0, help="train/allreduce: pixels (32)")
+    p.add_argument("--clients", type=lambda t: [int(n) for n in t.split(",")], default=None,
+                   help="clients: the client counts, e.g. 3,1000,10000 "
+                        "(3,30,300,1000,3000)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="train: a splitmpi config override (split run and, where it "
-                        "applies, the monolithic one), e.g. --set comm.wire_dtype=bfloat16")
+                        "applies, the monolithic one), e.g. --set comm.wire_dtype=bfloat16; "
+                        "results: the written file's config, e.g. --set audit=true")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where tensors and models live (cpu); cuda: cuda:(rank %% GPUs)")
     p.add_argument("--gpu-aware", action="store_true",

@@ -93,7 +93,7 @@ def _split_run(ctx, role, policy: str, path: Path) -> tuple[int, float]:
     if ctx.is_server:
         role.schedule = schedule.make(policy, ctx.transport)
         ctx.cfg.output = str(path)
-        writer = results.ResultsWriter(ctx.cfg, world.Get_size(), ctx.client_count)
+        writer = results.ResultsWriter(ctx.cfg, world.Get_size(), role.clients)
         world.Barrier()
         with contextlib.redirect_stdout(io.StringIO()):  # the run's own lines (logs._Console)
             server.run(ctx, role, writer)
@@ -104,10 +104,8 @@ def _split_run(ctx, role, policy: str, path: Path) -> tuple[int, float]:
     if not ctx.is_server:
         return 0, 0.0
     with h5py.File(path, "r") as f:
-        samples = sum(float(f[f"clients/{k}/train_samples"][-1])
-                      for k in range(1, ctx.client_count + 1))
-        seconds = max(float(f[f"clients/{k}/train_seconds"][-1])
-                      for k in range(1, ctx.client_count + 1))
+        samples = float(f["clients/train_samples"][-1].sum())
+        seconds = float(f["clients/train_seconds"][-1].max())
     path.unlink()
     return int(samples), seconds
 
