@@ -157,7 +157,7 @@ def run(ctx: Context, client: Client, start: int = 0) -> bool:
     ctx.world.gather({k: client.shards.samples(k) for k in client.ids}, root=SERVER)
     clock_offsets(ctx.world)
     for epoch in range(start, cfg.train.epochs):
-        members = [int(k) for k in population.participants(cfg, client.clients, epoch)
+        members = [k for k in population.participants(cfg, client.clients, epoch)
                    if k in client.ids]
         train = train_epoch(ctx, client, epoch, members)
         if ctx.transport.recv(SERVER, Kind.VERDICT).item():
@@ -236,18 +236,20 @@ class Order:
             g = torch.Generator().manual_seed(ctx.cfg.train.seed * 7919 + epoch)
             ids = [ids[i] for i in torch.randperm(len(ids), generator=g).tolist()]
         self.ids, self.last = ids, last
+        self.place = {k: i for i, k in enumerate(ids)}
 
     def next(self, running: dict[int, Running]) -> Running:
         """The client (among ``running``, those with batches left) that goes next."""
-        ready = [k for k in self.ids if k in running]
-        if self.policy == "sequential" or len(ready) == 1:
-            k = ready[0]
-        elif self.policy == "round_robin":
-            later = [k for k in ready if self.ids.index(k) > self.ids.index(self.last)] \
-                if self.last in self.ids else []
-            k = later[0] if later else ready[0]
-        else:  # fifo: the earliest ready, ties in id order
-            k = min(ready, key=lambda j: running[j].ready)
+        if self.policy == "fifo" and len(running) > 1:  # the earliest ready, ties in order
+            k = min(running, key=lambda j: (running[j].ready, self.place[j]))
+        else:  # the first with batches left from the last one's place on (round_robin:
+            # after it), round the order; sequential serves in order, so none before the
+            # last one has batches left. Clients only ever leave ``running``.
+            first = (self.place.get(self.last, 0) if self.policy == "sequential"
+                     else self.place.get(self.last, -1) + 1)
+            n = len(self.ids)
+            k = next(self.ids[(first + i) % n] for i in range(n)
+                     if self.ids[(first + i) % n] in running)
         self.last = k
         return running[k]
 
