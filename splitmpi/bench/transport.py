@@ -32,6 +32,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -109,15 +110,17 @@ def run(world: MPI.Comm, args) -> dict:
                     world.Recv(recv_buf, peer, TAG_RAW)
                     world.Send(recv_buf, peer, TAG_RAW)
 
-        def split():
-            if rank == 0:
-                for _ in range(iters):
-                    transport.send(tensor, peer, Kind.ACTIVATION)
-                    transport.recv(peer, Kind.FEATURES, where)
-            else:
-                for _ in range(iters):
-                    transport.send(transport.recv(peer, Kind.ACTIVATION, where), peer,
-                                   Kind.FEATURES)
+        def ping_pong(t: Transport, kinds) -> Callable[[], None]:
+            """Activation out, features back, ``iters`` times, through ``t``."""
+            def go():
+                if rank == 0:
+                    for _ in range(iters):
+                        t.send(tensor, peer, kinds.ACTIVATION)
+                        t.recv(peer, kinds.FEATURES, where)
+                else:
+                    for _ in range(iters):
+                        t.send(t.recv(peer, kinds.ACTIVATION, where), peer, kinds.FEATURES)
+            return go
 
         def pickle():
             if rank == 0:
@@ -128,19 +131,9 @@ def run(world: MPI.Comm, args) -> dict:
                 for _ in range(iters):
                     world.send(world.recv(source=peer, tag=TAG_PICKLE), peer, TAG_PICKLE)
 
-        def before():
-            t, kinds = baseline
-            if rank == 0:
-                for _ in range(iters):
-                    t.send(tensor, peer, kinds.ACTIVATION)
-                    t.recv(peer, kinds.FEATURES, where)
-            else:
-                for _ in range(iters):
-                    t.send(t.recv(peer, kinds.ACTIVATION, where), peer, kinds.FEATURES)
-
-        variants = {"raw": raw, "splitmpi": split}
+        variants = {"raw": raw, "splitmpi": ping_pong(transport, Kind)}
         if baseline is not None:
-            variants["baseline"] = before
+            variants["baseline"] = ping_pong(*baseline)
         if nbytes in PICKLE_SIZES or (args.smoke and nbytes == max(sizes)):
             variants["pickle"] = pickle
         times = interleaved(variants, repeats, warmup, pair.Barrier)
