@@ -165,11 +165,14 @@ if size >= 3:
         for src in reversed(range(1, size)):
             for i, x in enumerate(mixed(src)):
                 assert torch.equal(many.recv(src, Kind.FEATURE_GRAD), x), (src, i)
-        assert many.waiting(Kind.FEATURE_GRAD) is None
     else:
         sends = [many.isend(x, 0, Kind.FEATURE_GRAD) for x in mixed(rank)]
         for s_ in sends:
             many.wait(s_)
+    world.Barrier()  # every source is done, and none has begun the part below
+    if rank == 0:
+        assert many.waiting(Kind.FEATURE_GRAD) is None  # nothing left over
+    world.Barrier()
     # and whoever sent first is probed, then received from, packed or not
     if rank == 0:
         left = set(range(1, size)) | {-k for k in range(1, size)}

@@ -83,13 +83,6 @@ def test_bad_client_settings_are_refused_before_any_work(overrides, world, words
     assert all(w in text for w in words), text
 
 
-def test_a_bad_setting_exits_2_with_one_message(tmp_path):
-    proc = mpirun.run(3, "clients.count=1", "output=x.h5", cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.count("clients.count=1 is smaller than the 2 client ranks") == 1
-    assert not (tmp_path / "x.h5").exists()
-
-
 # --- the shards partition ------------------------------------------------------------------
 
 def test_shards_give_each_client_its_shards_of_sorted_labels():

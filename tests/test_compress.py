@@ -11,7 +11,7 @@ import mpirun
 from splitmpi import config, loopback, reader
 from splitmpi.compress import Codec
 from splitmpi.errors import ConfigError
-from splitmpi.transport import Kind, Transport
+from splitmpi.transport import HEADER, HEADER_LEN, Kind, Transport
 
 CLIENT, SERVER = 1, 0
 
@@ -104,7 +104,7 @@ def test_the_transport_sends_the_codecs_bytes(world):
         return runs
 
     runs, _ = loopback.run(receiver, sender)
-    header = 8 * 14
+    header = HEADER_LEN * HEADER.itemsize
     for compress_grad, (got, received) in zip((False, True), runs):
         assert torch.equal(got[0], codec.decode(codec.encode(activation), activation.shape))
         assert received[Kind.ACTIVATION] == 2 * header + codec.nbytes(activation.shape)
