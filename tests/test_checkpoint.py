@@ -241,15 +241,19 @@ def test_a_checkpoint_from_before_the_sharing_settings_resumes_as_it_ran(tmp_pat
 
 @pytest.mark.parametrize("mode", [("split.mode=sfl_v1", "split.share_weights=samples"),
                                   ("split.mode=parallel",),
-                                  ("clients.count=6", "clients.per_epoch=5")],
-                         ids=["sfl_v1", "parallel", "logical"])
+                                  ("clients.count=6", "clients.per_epoch=5"),
+                                  ("defense.act_clip=5", "defense.act_epsilon=8",
+                                   "attack.labels=true")],
+                         ids=["sfl_v1", "parallel", "logical", "dp_and_label_inference"])
 def test_modes_stop_within_an_epoch_and_resume_bit_for_bit(tmp_path, mode):
     """sfl_v1's checkpoint within an epoch holds each client's cloud copy and its SGD,
     which differ until the epoch's averaging; parallel's steps each take both clients'
     batches, and a stop turns down a gathered step whole; 6 logical clients on 2 ranks,
     5 taking part each epoch, stop with each participant somewhere in its shard and the
-    turn of round_robin between them. Either way the resumed run equals the
-    uninterrupted one, bit for bit."""
+    turn of round_robin between them; DP activations draw their noise from the clients'
+    random state, and label inference keeps feature-gradient rows on the server (a
+    stopped epoch's rows are dropped and its resumed part records afresh). Either way the
+    resumed run's training and test metrics equal the uninterrupted one's, bit for bit."""
     mpirun.ok(3, *ARGS, *mode, "output=full.h5", cwd=tmp_path)
     proc, log = start(tmp_path, *mode, "output=cut.h5", *WITHIN)
     wait_for(log, "epoch 2/4: 25/", proc)
@@ -262,3 +266,11 @@ def test_modes_stop_within_an_epoch_and_resume_bit_for_bit(tmp_path, mode):
                    for n in copies[1]["cloud"])  # mid-epoch: each client's own
     mpirun.ok(3, *ARGS, *mode, "output=cut.h5", "train.resume=auto", cwd=tmp_path)
     assert_same_metrics(tmp_path / "full.h5", tmp_path / "cut.h5", counters=False)
+    if "attack.labels=true" in mode:  # every epoch's scores but the stopped epoch 2's
+        full, cut = (reader.read(tmp_path / f"{n}.h5") for n in ("full", "cut"))
+        assert np.array_equal(full.epsilon, cut.epsilon) and full.epsilon[-1] > 0
+        for k in full.label_inference:
+            for name, series in full.label_inference[k].items():
+                assert np.array_equal(np.delete(series, 1),
+                                      np.delete(cut.label_inference[k][name], 1),
+                                      equal_nan=True), (k, name)
