@@ -166,7 +166,6 @@ def test_many_clients_per_rank_train_sample_share_and_learn(tmp_path, n, clients
     losses = [np.nanmean([run.clients[k]["train_loss"][e] for k in run.clients])
               for e in range(epochs)]
     accuracy = np.mean([s["test_accuracy"][-1] for s in run.clients.values()])
-    print(schedule, share, losses, accuracy)
     if share == "true":
         assert losses[-1] < 0.85 * losses[0], losses
         assert accuracy > 0.2, accuracy  # ten classes: chance is 0.1
@@ -179,3 +178,23 @@ def test_many_clients_per_rank_train_sample_share_and_learn(tmp_path, n, clients
     first = saved[last[0]]
     same = [all(torch.equal(saved[k][name], first[name]) for name in first) for k in saved]
     assert same == ([True, True, True, False] if share == "true" else [True, False, False, False])
+
+
+@pytest.mark.parametrize("mode", [
+    ("split.mode=sfl_v2", "server.schedule=sequential"),
+    ("split.mode=parallel", "server.schedule=fifo", "split.topology=label_sharing",
+     "split.share=false")], ids=["sfl_v2", "parallel-label_sharing"])
+def test_modes_and_label_sharing_with_many_clients_per_rank(tmp_path, mode):
+    """8 clients on 2 ranks, 6 taking part each epoch: SplitFed v2 (each rank's clients in
+    an order drawn per epoch) and parallel split learning with the labels on the server
+    train every participant's batches, and the clients learn."""
+    mpirun.ok(3, *SMALL, "data.train_size=1920", "train.epochs=2", "clients.count=8",
+              "clients.per_epoch=6", *mode,
+              "output=m.h5", cwd=tmp_path)
+    run = reader.read(tmp_path / "m.h5")
+    took = run.series["participated"] == 1
+    assert (took.sum(axis=1) == 6).all()
+    assert (run.series["batches_served"][took] ==
+            np.ceil(run.series["train_samples"][took] / 16)).all()
+    losses = np.nanmean(run.series["train_loss"], axis=1)
+    assert losses[-1] < 0.8 * losses[0], losses
