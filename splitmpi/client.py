@@ -174,9 +174,10 @@ def run(ctx: Context, client: Client, start: int = 0) -> bool:
             else None
         shared_bytes = share(ctx, client, epoch, members) if cfg.split.share else 0
         tested = evaluate(ctx, client) if population.evaluates(cfg, epoch) else {}
+        taking = set(members)
         for k in client.ids:
             reports[k].update(tested.get(k, NOT_TESTED))
-            reports[k]["share_buffer_bytes"] = shared_bytes if k in members else 0
+            reports[k]["share_buffer_bytes"] = shared_bytes if k in taking else 0
             reports[k]["classes"] = client.shards.classes[k]
         if inferred is not None:
             reports[client.ids[0]]["labels"] = inferred

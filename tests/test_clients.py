@@ -112,14 +112,15 @@ def metrics(path) -> dict:
     return {k: {n: v for n, v in s.items() if n not in TIMING} for k, s in run.clients.items()}
 
 
-@pytest.mark.parametrize("model", [(), ("model.arch=resnet18", "model.cut=layer1",
-                                        "split.share_bn=local")], ids=["cnn5", "resnet18"])
-def test_logical_clients_equal_one_client_per_rank_bit_for_bit(tmp_path, model):
+@pytest.mark.parametrize("model, epochs", [
+    ((), 2), (("model.arch=resnet18", "model.cut=layer1", "split.share_bn=local"), 1)],
+    ids=["cnn5", "resnet18"])
+def test_logical_clients_equal_one_client_per_rank_bit_for_bit(tmp_path, model, epochs):
     """4 clients on 2 client ranks (2 each) against 4 client ranks, sequential schedule
     (the same order of service), sharing on: every metric of every client and each
     client's final extractor and classifier (BatchNorm statistics included) are equal."""
-    settings = [*SMALL, "train.epochs=2", "server.schedule=sequential", *model,
-                "train.checkpoint_every=2"]
+    settings = [*SMALL, f"train.epochs={epochs}", "server.schedule=sequential", *model,
+                f"train.checkpoint_every={epochs}"]
     mpirun.ok(5, *settings, "output=ranks.h5", cwd=tmp_path, timeout=300)
     mpirun.ok(3, *settings, "clients.count=4", "output=logical.h5", cwd=tmp_path, timeout=300)
     a, b = metrics(tmp_path / "ranks.h5"), metrics(tmp_path / "logical.h5")
@@ -128,7 +129,7 @@ def test_logical_clients_equal_one_client_per_rank_bit_for_bit(tmp_path, model):
         for name, values in a[k].items():
             assert np.array_equal(values, b[k][name], equal_nan=True), (k, name)
     for k in a:
-        parts = [population.saved_client(tmp_path / f"{name}.h5.ckpt" / "epoch-00002", k)
+        parts = [population.saved_client(tmp_path / f"{name}.h5.ckpt" / f"epoch-{epochs:05d}", k)
                  for name in ("ranks", "logical")]
         for part in ("extractor", "classifier"):
             for name, tensor in parts[0][part].items():

@@ -28,7 +28,7 @@ def test_each_schedule_learns(tmp_path, schedule):
 
 def phase_ends(tmp_path, schedule):
     mpirun.ok(4, "data.train_size=600", "data.test_size=60", "data.image_size=16",
-              "data.partition=iid", "train.epochs=1", "clients.delay_ms=[0, 0, 100]",
+              "data.partition=iid", "train.epochs=1", "clients.delay_ms=[0, 0, 300]",
               f"server.schedule={schedule}", f"output={schedule}.h5", cwd=tmp_path)
     run = reader.read(tmp_path / f"{schedule}.h5")
     for series in run.clients.values():  # never starved: every batch was served
@@ -37,6 +37,8 @@ def phase_ends(tmp_path, schedule):
 
 
 def test_fifo_serves_a_delayed_client_less_often_but_never_starves_it(tmp_path):
+    """Client 3's requests leave 300 ms after its previous step ended (its forward runs
+    within that time), several times a fast client's step on 2 loaded cores."""
     fifo = phase_ends(tmp_path, "fifo")
     turns = phase_ends(tmp_path, "round_robin")
     # fifo: the fast clients finish long before the slow one; round robin makes them wait
