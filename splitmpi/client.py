@@ -157,8 +157,8 @@ def run(ctx: Context, client: Client, start: int = 0) -> bool:
     ctx.world.gather({k: client.shards.samples(k) for k in client.ids}, root=SERVER)
     clock_offsets(ctx.world)
     for epoch in range(start, cfg.train.epochs):
-        members = [k for k in population.participants(cfg, client.clients, epoch)
-                   if k in client.ids]
+        drawn = population.participants(cfg, client.clients, epoch)
+        members = [k for k in drawn if k in client.ids]
         train = train_epoch(ctx, client, epoch, members)
         if ctx.transport.recv(SERVER, Kind.VERDICT).item():
             client.position = train["position"]
@@ -172,7 +172,7 @@ def run(ctx: Context, client: Client, start: int = 0) -> bool:
         reports = train["clients"]
         inferred = label_inference(ctx, train["labels_sent"], epoch) if cfg.attack.labels \
             else None
-        shared_bytes = share(ctx, client, epoch, members) if cfg.split.share else 0
+        shared_bytes = share(ctx, client, epoch, members, len(drawn)) if cfg.split.share else 0
         tested = evaluate(ctx, client) if population.evaluates(cfg, epoch) else {}
         taking = set(members)
         for k in client.ids:
@@ -192,8 +192,10 @@ def run(ctx: Context, client: Client, start: int = 0) -> bool:
     return False
 
 
-def share(ctx: Context, client: Client, epoch: int, members: list[int]) -> int:
-    """Average the extractors of this epoch's participants over all client ranks
+def share(ctx: Context, client: Client, epoch: int, members: list[int],
+          participants: int) -> int:
+    """Average the extractors of this epoch's ``participants`` (``members`` of them here)
+    over all client ranks
     (``split.share_bn`` says what happens to BatchNorm, ``split.share_optimizer`` to the
     momentum, ``split.share_weights`` how the clients weigh: by the size of their training
     shard under ``samples``), and under SplitFed (``split.mode``) the u_shape classifiers
@@ -201,12 +203,11 @@ def share(ctx: Context, client: Client, epoch: int, members: list[int]) -> int:
     split = ctx.cfg.split
     weights = ([client.shards.samples(k) for k in members]
                if split.share_weights == "samples" else None)
-    total = len(population.participants(ctx.cfg, client.clients, epoch))
     reduced = sharing.average(client.bank, client.extractor, members, ctx.clients_comm,
-                              total, split.share_bn, split.share_optimizer, weights)
+                              participants, split.share_bn, split.share_optimizer, weights)
     if split.mode in SPLITFED and client.classifier is not None:
         reduced += sharing.average(client.bank, client.classifier, members, ctx.clients_comm,
-                                   total, "average", split.share_optimizer, weights)
+                                   participants, "average", split.share_optimizer, weights)
     if split.share_bn == "recalibrate":
         for k in members:
             client.bank.activate(k)

@@ -102,8 +102,8 @@ class Bank:
     ``ints`` (integer buffers: BatchNorm's step counts), ``momentum`` (SGD momentum of the
     parameters, when SGD has momentum) and each client's torch random state.
 
-    Every row starts as the working modules are built (the common starting network); the
-    working modules' tensors are then views into row 0. ``activate(k)`` points them, and
+    Every row starts as the working modules are built (the common starting network).
+    ``activate(k)`` points the working modules' tensors, and
     the SGD momentum buffers, at client k's row and swaps the random state, so training
     the working modules trains client k. Momentum buffers exist from the start (zeros):
     SGD's first step then gives the gradient, exactly what it gives when it makes one."""

@@ -81,8 +81,7 @@ def average(bank: Bank, module: nn.Module, members: list[int], clients: MPI.Comm
     buffer and with the same weights as the parameters; ``reset`` it (zeros: the next
     step starts it afresh from the gradient, as SGD does without a buffer). SGD without
     momentum has no buffers: nothing to do."""
-    if members:
-        bank.activate(members[0])  # the spans are read off the active row's views
+    # the spans are read off the active row's views, whichever client's: the same in every row
     rows = [bank.row[k] for k in members]
     params, stats = _shared(module, share_bn)
     spans = bank.spans([p.data for p in params] + stats)
