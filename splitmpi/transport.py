@@ -142,7 +142,7 @@ class Transport:
     forward kinds instead, and of the gradient kinds too with ``compress_grad``; they come
     back decoded, in float32. CUDA tensors of more than ``PACK_BYTES`` are staged through
     reusable pinned host buffers unless ``gpu_aware`` hands device memory to MPI directly
-    (``_stages``); smaller ones are packed with their header from and into host memory.
+    (``_stages``); smaller ones are packed with their header, through pinned host memory.
     ``wait`` is the ``Waiter`` mode.
     """
 
@@ -198,9 +198,11 @@ class Transport:
         read device memory."""
         return t.is_cuda and not self.gpu_aware
 
-    def _staging(self, slot: tuple, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """A reusable pinned host buffer to receive CUDA tensors into when MPI is not
-        GPU-aware (``recv`` copies it to the device before it returns, so one will do)."""
+    def _staging(self, slot: tuple | str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable pinned host buffer that CUDA tensors pass through on the host: to
+        receive into when MPI is not GPU-aware (``recv`` copies it to the device before it
+        returns, so one will do), and, as ``"pack"``, to copy a small tensor out of the
+        device before its bytes are packed behind the header."""
         key = (slot, shape, dtype)
         buf = self._pinned.get(key)
         if buf is None:
@@ -279,8 +281,9 @@ class Transport:
             message = MPI.buffer.allocate(HEADER_BYTES + nbytes)
             self._header(message, k, shape, dtype, scale, flags)
             if nbytes:
-                if not wire.is_cpu:
-                    wire = wire.cpu()  # synchronous: the device's data is final
+                if not wire.is_cpu:  # via pinned memory: a copy to pageable memory costs more
+                    pinned = self._staging("pack", tuple(wire.shape), wire.dtype)
+                    wire = pinned.copy_(wire)  # synchronous: the device's data is final
                 ctypes.memmove(message.address + HEADER_BYTES, wire.data_ptr(), nbytes)
             self.bytes_sent[k] += HEADER_BYTES + nbytes
             self.messages_sent[k] += 1
@@ -343,7 +346,8 @@ class Transport:
         if not isinstance(device, torch.device):
             device = torch.device(device)
         if nbytes <= PACK_BYTES:  # it came packed after the header: copy it out
-            host = torch.empty(shape, dtype=wire_dtype)
+            host = (torch.empty(shape, dtype=wire_dtype) if device.type == "cpu"
+                    else self._staging(("recv", source, k), shape, wire_dtype))
             if nbytes:
                 ctypes.memmove(host.data_ptr(), self._inbox_payload, nbytes)
             if self.on_receive is not None:

@@ -238,7 +238,7 @@ def staging(args) -> int:
     from mpi4py import MPI
 
     from splitmpi import loopback
-    from splitmpi.transport import Kind, Transport
+    from splitmpi.transport import PACK_BYTES, Kind, Transport
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -331,6 +331,17 @@ def staging(args) -> int:
             wire.send(2 * a, 0, Kind.ACTIVATION_GRAD)
         payload = x.numel() * 2
         assert wire.counters()["bytes_sent"] - payload < payload, wire.counters()
+        # tensors of at most PACK_BYTES travel behind their header, through pinned memory
+        small = [torch.full((n,), float(i), device=device)
+                 for i, n in enumerate((1, 256, PACK_BYTES // 4, 256))]
+        if rank == 0:
+            for s in small:
+                t.send(s, 1, Kind.FEATURES)
+        else:
+            for s in small:
+                got = t.recv(0, Kind.FEATURES, device)
+                assert got.device.type == device.type and torch.equal(got, s), \
+                    (tuple(s.shape), got.unique().tolist()[:4])
         seconds = time.perf_counter() - start
         if pinned and device.type == "cuda":
             assert pools_pinned(t) and pools_pinned(wire), "a staging buffer is not pinned"
@@ -338,9 +349,11 @@ def staging(args) -> int:
             figures["two_ranks"] = {"batches": per_shape * len(shapes), "seconds": seconds,
                                     "bfloat16_wire": "ok", "pinned": pinned}
             print(f"2 ranks: {per_shape * len(shapes)} pipelined batches (128 KiB, 4 MiB) "
-                  "kept their values; bfloat16 activation and gradient crossed", flush=True)
+                  "kept their values; bfloat16 activation and gradient crossed; "
+                  f"{len(small)} packed tensors (4 B to 64 KiB) crossed", flush=True)
     if rank == 0:
-        two = "; 2 ranks: 8 batches (128 KiB, 4 MiB) + bf16 wire ok" if size >= 2 else ""
+        two = ("; 2 ranks: 8 batches (128 KiB, 4 MiB) + bf16 wire + 4 packed ok"
+               if size >= 2 else "")
         write_figures(args.figures, f"{device}: loopback 6 batches, "
                       f"{figures['loopback']['staging_buffers']} staging buffers{two}"
                       + (", pinned" if pinned else ""), figures)
