@@ -2,16 +2,18 @@
 """Privacy matrix: cut x defense x strength, each cell a real MPI run attacked afterwards.
 
     python jobs/privacy_sweep.py [-c CONFIG] [--out DIR] [--cuts 1 2 3 4]
-        [--defenses none noise nopeek dropout grad dp] [--noise 0.1 0.5 1]
+        [--defenses none noise nopeek dropout grad dp labeldp] [--noise 0.1 0.5 1]
         [--nopeek 0.5 2] [--dropout 0.2 0.5] [--grad 0.1 0.5] [--grad-clip 0.2]
-        [--dp 8 1] [--dp-clip 1] [--defense-cuts 1] [--method decoder completion]
+        [--dp 8 1] [--dp-clip 1] [--label-dp 2 1] [--defense-cuts 1]
+        [--method decoder completion]
         [--client 1] [--clients 3] [--only GLOB] [--dry-run] [--slurm ...] [-- key=value ...]
 
 Cells, for every cut: ``none`` (no defense), then one per strength of each defense (at
 every cut, or only at --defense-cuts): ``noise`` (defense.noise_sigma), ``nopeek``
 (defense.nopeek_alpha), ``dropout`` (defense.dropout), ``grad`` (defense.grad_noise, with
-defense.grad_clip=--grad-clip: against label inference) and ``dp`` (defense.act_epsilon,
-with defense.act_clip=--dp-clip: DP activations; only where the config knows these keys).
+defense.grad_clip=--grad-clip: against label inference), ``dp`` (defense.act_epsilon,
+with defense.act_clip=--dp-clip: DP activations; only where the config knows these keys)
+and ``labeldp`` (defense.label_epsilon: randomized response on the training labels).
 Cell names are ``<arch>-cut<cut>-<defense><strength>`` (e.g. ``cnn5-cut1-noise0.5``).
 
 Each cell is one results file, ``DIR/<cell>.h5`` (DIR: --out, else
@@ -61,10 +63,11 @@ from splitmpi.report.attacks import attack_tables, matrix_table
 
 log = logging.getLogger("splitmpi.jobs.privacy_sweep")
 
-DEFENSES = ("noise", "nopeek", "dropout", "grad", "dp")
+DEFENSES = ("noise", "nopeek", "dropout", "grad", "dp", "labeldp")
 DEFENSE_KEYS = {"noise": "defense.noise_sigma", "nopeek": "defense.nopeek_alpha",
                 "dropout": "defense.dropout", "grad": "defense.grad_noise",
-                "dp": "defense.act_epsilon"}
+                "dp": "defense.act_epsilon", "labeldp": "defense.label_epsilon"}
+FLAGS = {"labeldp": "label-dp"}  # the option of a kind whose name is not its own
 METHODS = ("decoder", "completion", "rmle")
 
 
@@ -187,6 +190,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="defense.act_epsilon values (with defense.act_clip=--dp-clip)")
     p.add_argument("--dp-clip", type=float, default=1.0, help="defense.act_clip of the dp "
                                                               "cells")
+    p.add_argument("--label-dp", dest="labeldp", nargs="*", type=float, default=[2.0, 1.0],
+                   help="defense.label_epsilon values (randomized response on the labels)")
     p.add_argument("--defense-cuts", nargs="+", help="run the defended cells only at these "
                                                      "cuts (default: every cut)")
     p.add_argument("--method", nargs="+", default=["decoder", "completion"],
@@ -284,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind, values in strengths.items():
         for v in values:
             if not v > 0:
-                return error(f"--{kind} {v:g}: a strength must be above 0 (the undefended "
-                             "cell is 'none')")
+                return error(f"--{FLAGS.get(kind, kind)} {v:g}: a strength must be above 0 "
+                             "(the undefended cell is 'none')")
     todo = cells(arch, cuts, strengths, args.defense_cuts, args.grad_clip, args.dp_clip)
     if "none" not in wanted:
         todo = [c for c in todo if not c[0].endswith("-none")]

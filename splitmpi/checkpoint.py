@@ -46,7 +46,7 @@ ADDED = {"split": {"share_bn": "average", "bn_recalibrate_batches": None,
          "comm": {"compress": "none", "compress_grad": False},
          "server": {"batch_clients": None},
          "defense": {"grad_clip": 0.0, "grad_noise": 0.0, "grad_maxnorm": False, "act_clip": 0.0,
-                     "act_epsilon": 0.0, "act_delta": 1e-5}}
+                     "act_epsilon": 0.0, "act_delta": 1e-5, "label_epsilon": 0.0}}
 
 
 def directory(cfg: Config) -> Path:

@@ -113,8 +113,22 @@ def prepare(ctx: Context) -> Client:
     bank.activate(ids[0])  # seeds the random state as (train.seed, client)
     audit = ClientAudit(ctx.transport) if cfg.audit else None
     defense = Defense(cfg.defense, cfg.train.epochs)
+    if cfg.defense.label_epsilon > 0:
+        _log_label_noise(ctx, shards, ids)
     return Client(extractor, classifier, defense, optimizer, bank, shards, clients,
                   population.delays(cfg, clients), audit)
+
+
+def _log_label_noise(ctx: Context, shards: data.Shards, ids: range) -> None:
+    """defense.label_epsilon: once per rank, how many of its clients' training labels
+    randomized response changed (one line per client when it hosts one)."""
+    changed = total = 0
+    for k in ids:
+        trained, true = shards.trained_labels(k)
+        changed, total = changed + int((trained != true).sum()), total + len(true)
+    who = f"client {ids[0]}" if len(ids) == 1 else f"clients {ids[0]}-{ids[-1]} (rank {ctx.rank})"
+    log.info(f"{who}: randomized response (defense.label_epsilon="
+             f"{ctx.cfg.defense.label_epsilon:g}) changed {changed} of {total} training labels")
 
 
 def state(client: Client) -> dict:
@@ -214,7 +228,7 @@ def share(ctx: Context, client: Client, epoch: int, members: list[int],
             loader = client.shards.loaders(k)[0]
             sample = data.sample_loader(loader, ctx.cfg.train.seed, k, epoch)
             with ctx.autocast():
-                inputs = (x.to(ctx.device, non_blocking=True) for x, _ in sample)
+                inputs = (x.to(ctx.device, non_blocking=True) for x, *_ in sample)
                 sharing.recalibrate(client.extractor, inputs, split.bn_recalibrate_batches)
     return reduced
 
@@ -275,8 +289,10 @@ def train_epoch(ctx: Context, client: Client, epoch: int, members: list[int]) ->
     before). ``position`` in the result is the place reached, for a checkpoint should the
     server's verdict be to stop; ``labels_sent`` the labels of the first
     ``attack.label_rows`` samples trained on in this process (attack.labels, one client
-    per rank), in the order the server recorded their rows; ``clients`` each hosted
-    client's train metrics (NaN for those not taking part)."""
+    per rank), in the order the server recorded their rows, and always the true labels
+    (under defense.label_epsilon the client trains on the randomized-response labels, and
+    the attacker wants the true ones); ``clients`` each hosted client's train metrics (NaN
+    for those not taking part), their loss and accuracy against the labels trained on."""
     client.extractor.train()
     client.defense.train()
     if client.classifier is not None:
@@ -305,7 +321,7 @@ def train_epoch(ctx: Context, client: Client, epoch: int, members: list[int]) ->
         r = order.next(running)
         client.bank.activate(r.k)
         ctx.transport.speaks_for = r.k
-        x, y = r.pending or next(r.batches)
+        x, y, *truth = r.pending or next(r.batches)
         r.pending = None
         undo = _undo_point(ctx, client)
         started = time.perf_counter()
@@ -321,7 +337,7 @@ def train_epoch(ctx: Context, client: Client, epoch: int, members: list[int]) ->
         if client.audit:
             client.audit.see(x, y)
         if room > 0:
-            labels_sent.append(y[:room].cpu())
+            labels_sent.append((truth[0] if truth else y)[:room].cpu())
             room -= len(labels_sent[-1])
         ctx.stop.steps += 1
         batch_loss, batch_correct = result
@@ -361,8 +377,9 @@ def train_epoch(ctx: Context, client: Client, epoch: int, members: list[int]) ->
 
 def label_inference(ctx: Context, sent: list[torch.Tensor], epoch: int) -> dict:
     """attack.labels: the feature-gradient rows the server received from this client in
-    the training phase come back, and the client scores what they tell of the labels it
-    trained them with (``leakage.score``). Only the scores go to the server."""
+    the training phase come back, and the client scores what they tell of the true labels
+    of the samples it trained them with (``leakage.score``; under defense.label_epsilon
+    not the randomized-response labels it trained on). Only the scores go to the server."""
     rows = ctx.world.recv(source=SERVER, tag=Kind.LABEL_ROWS)
     y = torch.cat(sent).numpy() if sent else np.zeros(0, np.int64)
     if len(rows) != len(y):

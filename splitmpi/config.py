@@ -304,10 +304,19 @@ class DefenseConfig:
     solved for it. 0 = no noise (clipping only, epsilon infinite)."""
     act_delta: float = 1e-5
     """The delta of act_epsilon, in (0, 1)."""
+    label_epsilon: float = 0.0
+    """Label differential privacy: each client trains on its training labels after
+    randomized response, drawn once per sample (kept with probability e^eps / (e^eps + K -
+    1), else another of the data set's K classes), so the whole run is label_epsilon-label-DP
+    for each training label; u_shape and label_sharing; test labels stay true; 0 = off
+    (docs/privacy.md, "The label defense")."""
 
     def validate(self) -> None:
         _at_least(0, "defense", self, "noise_sigma", "nopeek_alpha", "grad_clip",
-                  "grad_noise", "act_clip", "act_epsilon")
+                  "grad_noise", "act_clip", "act_epsilon", "label_epsilon")
+        if math.isnan(self.label_epsilon):  # NaN passes the range check, and would replace
+            raise ConfigError("defense.label_epsilon=nan is not a number",  # every label
+                              "set defense.label_epsilon to 0 (off) or more")
         if not 0 < self.act_delta < 1:
             raise ConfigError(f"defense.act_delta={self.act_delta} is not a probability "
                               "between 0 and 1", "set defense.act_delta in (0, 1), e.g. 1e-5")

@@ -13,6 +13,7 @@ own shard, so no indices are ever sent over MPI.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import pickle
 from collections.abc import Callable, Iterable
@@ -672,6 +673,7 @@ class Shards:
         self.train, self.test = _load(cfg.data)
         targets = targets_of(self.train)
         self.test_targets = targets_of(self.test)
+        self.targets = targets
         shards = partition(targets, spec(cfg.data).num_classes, clients, cfg.data,
                            cfg.train.seed)
         self.full = {}
@@ -702,10 +704,28 @@ class Shards:
         return (Subset(self.train, mine.tolist()), Subset(self.test, test_mine.tolist()),
                 self.classes[k])
 
+    def trained_labels(self, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """``defense.label_epsilon``: (labels trained on, true labels) of client k's train
+        subset, in its order; None when it is off. Randomized response is drawn once per
+        sample from (seed, client, LABEL_STREAM), never from torch's generators, so every
+        epoch (and a resumed run) trains on the same noisy label and everything the client
+        sends is post-processing of it (docs/privacy.md, "The label defense")."""
+        epsilon = self.cfg.defense.label_epsilon
+        if epsilon <= 0:
+            return None
+        true = self.targets[self.indices(k)[0]]
+        rng = np.random.default_rng(_client_seed(self.cfg.train.seed, k, 0, LABEL_STREAM))
+        return randomised_response(true, spec(self.cfg.data).num_classes, epsilon, rng), true
+
     def loaders(self, k: int) -> tuple[DataLoader, DataLoader, list[int]]:
         """Train and test loaders of client k. The train loader's ``sampler`` is an
-        ``EpochOrder``: order and augmentations are a function of (seed, client, epoch)."""
+        ``EpochOrder``: order and augmentations are a function of (seed, client, epoch).
+        Under ``defense.label_epsilon`` its items are (image, trained label, true label)
+        (``Randomised``); the test loader's labels are always the true ones."""
         train, test, classes = self.datasets(k)
+        labels = self.trained_labels(k)
+        if labels is not None:
+            train = Randomised(train, labels[0])
         cfg = self.cfg
         workers = cfg.data.workers
         common = dict(batch_size=cfg.train.batch_size, drop_last=False, num_workers=workers,
@@ -770,7 +790,45 @@ class Seeded(Dataset):
             return self.dataset[index]
 
 
-TRAIN_STREAM, SAMPLE_STREAM = 0, 1  # EpochOrder streams: training, BatchNorm recalibration
+# EpochOrder streams (key (seed, client, epoch, stream)): training, BatchNorm
+# recalibration; and the key (seed, client, 0, LABEL_STREAM) of the labels' randomized
+# response, a stream no EpochOrder draws from (SeedSequence pads keys with zeros, so every
+# key is given all four words)
+TRAIN_STREAM, SAMPLE_STREAM, LABEL_STREAM = 0, 1, 2
+
+
+def randomised_response(labels: np.ndarray, num_classes: int, epsilon: float,
+                        rng: np.random.Generator) -> np.ndarray:
+    """K-ary randomized response (Warner 1965; Ghazi et al. 2021): each label kept with
+    probability e^epsilon / (e^epsilon + K - 1), else replaced by one of the other K - 1
+    classes uniformly. Every output label is then epsilon-label-DP for its input label
+    (any two inputs give any output with probabilities within a factor e^epsilon). K is
+    the task's whole label domain, not a client's classes, so the guarantee is the
+    standard one."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if num_classes < 2:
+        return labels.copy()
+    keep = 1 / (1 + (num_classes - 1) * math.exp(-epsilon))  # e^eps / (e^eps + K - 1)
+    kept = rng.random(len(labels)) < keep
+    shift = rng.integers(1, num_classes, len(labels))  # 1..K-1: never the label itself
+    return np.where(kept, labels, (labels + shift) % num_classes)
+
+
+class Randomised(Dataset):
+    """A train subset whose items are (image, trained label, true label): the client
+    trains on the randomized-response label and keeps the true one only to score the
+    label-inference attacks against it (``attack.labels``); the true one is never sent."""
+
+    def __init__(self, dataset: Dataset, trained: np.ndarray):
+        self.dataset = dataset
+        self.targets = trained
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        x, y = self.dataset[index]
+        return x, int(self.targets[index]), int(y)
 
 
 def client_loaders(cfg: Config, client: int,

@@ -151,12 +151,14 @@ def test_distance_correlation_identical_vs_independent():
 def test_the_target_trained_here_is_what_a_split_run_trains(tmp_path):
     """With attack.checkpoint empty the target is trained in one process; a split run with
     client 1's shard as its only client (every defense on: dropout and noise draw from the
-    client's RNG, NoPeek adds its gradient) must end with the same extractor, cloud and
-    classifier bit for bit, and its test accuracy must be the target's utility."""
+    client's RNG, NoPeek adds its gradient; both train on the same randomized-response
+    labels, defense.label_epsilon) must end with the same extractor, cloud and classifier
+    bit for bit, and its test accuracy must be the target's utility."""
     settings = ["data.image_size=16", "data.train_size=120", "data.test_size=60",
                 "train.epochs=2", "train.batch_size=30", "train.checkpoint_every=2",
                 "train.device=cpu", "train.threads=1", "clients.count=1", "split.share=false",
-                "defense.nopeek_alpha=0.5", "defense.noise_sigma=0.1", "defense.dropout=0.2"]
+                "defense.nopeek_alpha=0.5", "defense.noise_sigma=0.1", "defense.dropout=0.2",
+                "defense.label_epsilon=2"]
     mpirun.ok(2, *settings, "output=run.h5", cwd=tmp_path)
     net, accuracy = train_split_model(config.load(None, settings), torch.device("cpu"))
     folder = tmp_path / "run.h5.ckpt" / "epoch-00002"
@@ -374,7 +376,7 @@ def test_privacy_sweep_matrix_cells_commands_and_bad_input(tmp_path, sweep_main)
     before anything runs."""
     proc = sweep_main("--dry-run", "--out", tmp_path, "--cuts", "1", "2", "--noise", "0.5",
                       "--nopeek", "--dropout", "--grad", "0.5", "--grad-clip", "0.1",
-                      "--dp", "--defense-cuts", "1", "--clients", "2")
+                      "--dp", "--label-dp", "--defense-cuts", "1", "--clients", "2")
     assert proc.returncode == 0, proc.stderr
     said = swept(proc)
     assert list(said) == ["cnn5-cut1-none", "cnn5-cut1-noise0.5", "cnn5-cut1-grad0.5",
@@ -401,7 +403,14 @@ def test_privacy_sweep_matrix_cells_commands_and_bad_input(tmp_path, sweep_main)
     else:
         assert dp.returncode == 0, dp.stderr
         assert list(swept(dp)) == ["cnn5-cut1-dp4"] and "defense.act_clip=2" in dp.stdout
-    for bad in (["--dropout", "1.5"], ["--noise", "0"], ["--grad", "-1"],
+    labeldp = sweep_main("--dry-run", "--out", tmp_path, "--cuts", "1", "--defenses", "labeldp")
+    assert labeldp.returncode == 0, labeldp.stderr
+    said = swept(labeldp)
+    assert list(said) == ["cnn5-cut1-labeldp2", "cnn5-cut1-labeldp1"]
+    assert "defense.label_epsilon=1" in said["cnn5-cut1-labeldp1"].split(" && ")[0].split()
+    full = sweep_main("--dry-run", "--out", tmp_path)  # the default matrix: 4 cuts x 14
+    assert full.returncode == 0 and len(swept(full)) == 56, full.stderr
+    for bad in (["--dropout", "1.5"], ["--noise", "0"], ["--grad", "-1"], ["--label-dp", "0"],
                 ["--only", "nothing*"], ["--", "output=x.h5"], ["--", "model.arch=vgg"]):
         proc = sweep_main("--dry-run", "--out", tmp_path, *bad)
         assert proc.returncode == 2 and "privacy_sweep: error:" in proc.stderr, bad
@@ -452,15 +461,17 @@ def test_privacy_sweep_skips_finished_cells_and_reports_the_matrix(split_run, tm
     assert swept(proc)["cnn5-cut2-none"].startswith("FAILED (exit 2 in attack.method=rmle")
     assert "splitmpi.attack" in (tmp_path / "cnn5-cut2-none.log").read_text()
 
-    runs = [reader.read(p) for p in (none, noise)]
+    labeldp = tmp_path / "cnn5-cut2-labeldp1.h5"  # named from its config's label_epsilon
+    matrix_cell(split_run, labeldp, {"label_epsilon": 1.0}, 19.0, 0.4, 0.75)
+    runs = [reader.read(p) for p in (none, noise, labeldp)]
     rows = report_attacks.matrix_table(runs)[0].rows
     accuracy = 100 * np.mean([c["test_accuracy"][-1] for c in runs[0].clients.values()])
-    assert [(r["cut"], r["defense"], r["strength"]) for r in rows] == [(2, "none", 0.0),
-                                                                     (2, "noise", 0.5)]
+    assert [(r["cut"], r["defense"], r["strength"]) for r in rows] == [
+        (2, "none", 0.0), (2, "noise", 0.5), (2, "labeldp", 1.0)]
     assert rows[0]["accuracy_pct"] == pytest.approx(accuracy, abs=0.01)
-    assert [r["psnr_db"] for r in rows] == [20.0, 12.0]
-    assert [r["label_inference"] for r in rows] == [0.9, 0.6]  # best of cosine and cluster
-    assert [r["completion"] for r in rows] == [0.8, 0.7] and rows[0]["ssim"] == 0.5
+    assert [r["psnr_db"] for r in rows] == [20.0, 12.0, 19.0]
+    assert [r["label_inference"] for r in rows] == [0.9, 0.6, 0.4]  # best of cosine, cluster
+    assert [r["completion"] for r in rows] == [0.8, 0.7, 0.75] and rows[0]["ssim"] == 0.5
     paths = report_attacks.plot_matrix(runs, tmp_path / "figs")
     assert [p.name for p in paths] == ["privacy_frontier_cnn5.png",
                                        "privacy_heatmap_cnn5_cut2.png"]

@@ -217,7 +217,8 @@ def test_resume_is_exact_with_batchnorm_recalibration(tmp_path):
 def test_a_checkpoint_from_before_the_sharing_settings_resumes_as_it_ran(tmp_path):
     """0.1 wrote no split.share_bn/share_optimizer/share_weights: its runs averaged
     BatchNorm statistics, kept momentum and weighed clients equally. Asking for that
-    resumes; the new default (recalibrate) is named as the difference."""
+    resumes; the new default (recalibrate) is named as the difference. Nor did it know
+    defense.label_epsilon: it resumes as 0 (off), and a run asking for it is refused."""
     from mpi4py import MPI
 
     from splitmpi import checkpoint, config
@@ -225,6 +226,7 @@ def test_a_checkpoint_from_before_the_sharing_settings_resumes_as_it_ran(tmp_pat
     old = checkpoint.identity(config.load(None, []), 1)
     for name in ("share_bn", "bn_recalibrate_batches", "share_optimizer", "share_weights"):
         del old["split"][name]
+    del old["defense"]["label_epsilon"]
     folder = tmp_path / "epoch-00001"
     folder.mkdir()
     torch.save({"format": checkpoint.FORMAT, "epoch": 1, "rank": 0, "state": {},
@@ -237,13 +239,16 @@ def test_a_checkpoint_from_before_the_sharing_settings_resumes_as_it_ran(tmp_pat
         checkpoint.load(folder, config.load(None, ["split.share_bn=average",
                                                    "split.share_weights=samples"]),
                         MPI.COMM_SELF)
+    with pytest.raises(ConfigError, match="defense.label_epsilon: saved 0.0, now 1.0"):
+        checkpoint.load(folder, config.load(None, ["split.share_bn=average",
+                                                   "defense.label_epsilon=1"]), MPI.COMM_SELF)
 
 
 @pytest.mark.parametrize("mode", [("split.mode=sfl_v1", "split.share_weights=samples"),
                                   ("split.mode=parallel",),
                                   ("clients.count=6", "clients.per_epoch=5"),
                                   ("defense.act_clip=5", "defense.act_epsilon=8",
-                                   "attack.labels=true")],
+                                   "attack.labels=true", "defense.label_epsilon=2")],
                          ids=["sfl_v1", "parallel", "logical", "dp_and_label_inference"])
 def test_modes_stop_within_an_epoch_and_resume_bit_for_bit(tmp_path, mode):
     """sfl_v1's checkpoint within an epoch holds each client's cloud copy and its SGD,
@@ -251,8 +256,9 @@ def test_modes_stop_within_an_epoch_and_resume_bit_for_bit(tmp_path, mode):
     batches, and a stop turns down a gathered step whole; 6 logical clients on 2 ranks,
     5 taking part each epoch, stop with each participant somewhere in its shard and the
     turn of round_robin between them; DP activations draw their noise from the clients'
-    random state, and label inference keeps feature-gradient rows on the server (a
-    stopped epoch's rows are dropped and its resumed part records afresh). Either way the
+    random state, label inference keeps feature-gradient rows on the server (a
+    stopped epoch's rows are dropped and its resumed part records afresh), and the
+    randomized-response labels (defense.label_epsilon) are drawn again, the same. Either way the
     resumed run's training and test metrics equal the uninterrupted one's, bit for bit."""
     mpirun.ok(3, *ARGS, *mode, "output=full.h5", cwd=tmp_path)
     proc, log = start(tmp_path, *mode, "output=cut.h5", *WITHIN)

@@ -1,12 +1,12 @@
 """Label leakage in the U-shape: the attacks on feature-gradient rows, the gradient defense,
-their settings, and a real run that measures both (docs/privacy.md, "Labels in the
-U-shape")."""
+randomized response on the labels (label DP), their settings, and real runs that measure
+them (docs/privacy.md, "Labels in the U-shape")."""
 import numpy as np
 import pytest
 import torch
 
 import mpirun
-from splitmpi import config, leakage, reader
+from splitmpi import config, data, leakage, reader
 from splitmpi.defense import Defense
 from splitmpi.errors import ConfigError
 from splitmpi.report.attacks import attack_tables
@@ -86,6 +86,65 @@ def test_max_norm_hides_the_norm_but_not_the_direction():
     assert squares[y == 0].mean() == pytest.approx(9.0, rel=0.05)  # 3 ** 2, the largest
 
 
+def test_randomised_response_keeps_p_and_replaces_uniformly():
+    """K-ary randomized response: each label kept with probability e^eps / (e^eps + K - 1),
+    else one of the other K - 1 classes, uniformly, never the label itself."""
+    k, n, eps = 5, 20_000, 1.0
+    labels = np.arange(n) % k
+    out = data.randomised_response(labels, k, eps, np.random.default_rng(0))
+    p = np.e / (np.e + k - 1)  # 0.405
+    kept = out == labels
+    assert abs(kept.mean() - p) < 0.015  # 4.5 standard deviations
+    for y in range(k):  # the replacements of each label: the other classes, evenly
+        counts = np.bincount(out[(labels == y) & ~kept], minlength=k)
+        assert counts[y] == 0
+        others = np.delete(counts, y)
+        expected = others.sum() / (k - 1)
+        assert ((others - expected) ** 2 / expected).sum() < 20  # chi-square, 3 dof: p ~ 2e-4
+    assert data.randomised_response(labels, k, 50.0, np.random.default_rng(0)).tolist() == \
+        labels.tolist()  # a large epsilon keeps (almost) every label
+    assert abs((data.randomised_response(labels, k, 0.0, np.random.default_rng(0)) == labels)
+               .mean() - 1 / k) < 0.015  # epsilon 0 would be uniform noise
+
+
+def test_label_epsilon_draws_once_per_sample_and_off_changes_nothing():
+    """The draw is a function of (seed, client): two runs of one seed train on the same
+    noisy labels, every epoch; another client or seed draws afresh. The train loader then
+    yields (image, trained label, true label); the images and the true labels are those of
+    the undefended loader, batch for batch. Off, the loader yields pairs as before."""
+    on = config.load(None, ["defense.label_epsilon=1", "data.train_size=600"])
+    shards = data.Shards(on, [1, 2, 3], 3)
+    trained, true = shards.trained_labels(1)
+    again, _ = data.Shards(on, [1], 3).trained_labels(1)
+    assert np.array_equal(trained, again)
+    p = np.e / (np.e + 9)  # the whole label domain: 10 classes
+    assert abs((trained == true).mean() - p) < 0.1 and set(trained) - set(true)
+    iid = data.Shards(config.load(None, ["defense.label_epsilon=1", "data.train_size=600",
+                                         "data.partition=iid"]), [1, 2], 2)
+    (t1, y1), (t2, y2) = iid.trained_labels(1), iid.trained_labels(2)
+    assert not np.array_equal(t1 == y1, t2 == y2)  # each client its own draws
+    reseeded = data.Shards(config.load(None, ["defense.label_epsilon=1",
+                                              "data.train_size=600", "train.seed=1"]), [1], 3)
+    t, y = reseeded.trained_labels(1)
+    assert np.array_equal(y, true) and not np.array_equal(t, trained)
+    off = config.load(None, ["data.train_size=600"])
+    assert data.Shards(off, [1], 3).trained_labels(1) is None
+    plain = data.Shards(off, [1], 3).loaders(1)[0]
+    noisy = shards.loaders(1)[0]
+    assert not isinstance(plain.dataset.dataset, data.Randomised)
+    for epoch in (0, 1):
+        plain.sampler.set_epoch(epoch)
+        noisy.sampler.set_epoch(epoch)
+        order = [i for i, _ in noisy.sampler]
+        noisy.sampler.set_epoch(epoch)
+        seen = 0
+        for (x0, y0), (x, y, truth) in zip(plain, noisy):
+            assert torch.equal(x0, x) and torch.equal(y0, truth)
+            # the same noisy label for a sample in every epoch
+            assert y.tolist() == trained[order[seen:seen + len(y)]].tolist()
+            seen += len(y)
+
+
 @pytest.mark.parametrize("override, words", [
     (["split.topology=label_sharing", "defense.grad_maxnorm=true"], "defense.grad_maxnorm"),
     (["split.topology=label_sharing", "attack.labels=true"], "attack.labels"),
@@ -95,6 +154,8 @@ def test_max_norm_hides_the_norm_but_not_the_direction():
     (["defense.grad_clip=1", "defense.grad_noise=-0.5"], "at least 0"),
     (["attack.label_rows=0"], "attack.label_rows"),
     (["attack.known_labels=0"], "attack.known_labels"),
+    (["defense.label_epsilon=-1"], "defense.label_epsilon=-1.0 must be at least 0"),
+    (["defense.label_epsilon=nan"], "defense.label_epsilon=nan is not a number"),
 ])
 def test_bad_label_settings_exit_2(override, words):
     with pytest.raises(ConfigError, match=words):
@@ -139,3 +200,29 @@ def test_clipped_noisy_gradients_hide_the_labels(tmp_path):
     for series in run.clients.values():  # the classifier still learns on its true gradient
         assert np.isfinite(series["train_loss"]).all()
         assert series["train_loss"][-1] < series["train_loss"][0]
+
+
+def test_randomised_labels_hide_the_labels_and_still_learn(tmp_path):
+    """defense.label_epsilon=1 over the 5 classes of the data set: each client trains on
+    labels kept with probability p = e / (e + 4) = 0.40, drawn once per sample. The server's
+    attacks can at best read the labels trained on, so every score falls from the
+    undefended run's 1.0 (above) to near p (near chance for the 2-class client, whose
+    other-class rows the attacker must still split), while the model learns: the train
+    loss (against the labels trained on) falls and the test accuracy (true labels) is
+    above chance."""
+    proc = mpirun.ok(3, *RUN, "data.num_classes=5", "defense.label_epsilon=1",
+                     "output=r.h5", "-v", cwd=tmp_path)
+    for k in (1, 2):  # each client says once how many labels it trains on changed
+        assert proc.stdout.count(f"client {k}: randomized response (defense.label_epsilon=1) "
+                                 "changed ") == 1, proc.stdout
+    run, found = last_epoch(tmp_path / "r.h5")
+    print({k: {n: round(v, 3) for n, v in f.items()} for k, f in found.items()},
+          {k: (s["train_loss"].round(3).tolist(), s["test_accuracy"].round(3).tolist())
+           for k, s in run.clients.items()})
+    p = np.e / (np.e + 4)
+    for f in found.values():
+        for name in ("cosine_accuracy", "cluster_known_accuracy"):
+            assert f[name] < max(p, f["chance"]) + 0.25, f
+    for k, series in run.clients.items():
+        assert series["train_loss"][-1] < series["train_loss"][0]
+        assert series["test_accuracy"][-1] > found[k]["chance"] + 0.1  # 0.73 both

@@ -282,7 +282,7 @@ def train_split_model(cfg: Config, device: torch.device) -> tuple[monolithic.Net
         progress = Progress(log, f"  epoch {epoch + 1}/{cfg.train.epochs}",
                             len(train_loader.dataset), "samples", Pace.of(cfg.train),
                             repeats=cfg.train.epochs - epoch - 1)
-        for x, y in train_loader:
+        for x, y, *_ in train_loader:  # defense.label_epsilon: (x, trained, true label)
             loss, _ = monolithic.step(net, x, y)
             loss_sum, seen = loss_sum + loss, seen + len(y)
             progress.update(len(y))

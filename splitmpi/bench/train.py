@@ -66,7 +66,7 @@ class Monolithic:
         """One pass over every client's batches; returns (samples, seconds)."""
         seen = 0
         start = time.perf_counter()
-        for x, y in in_turn(self.loaders):
+        for x, y, *_ in in_turn(self.loaders):  # defense.label_epsilon: a third, true label
             monolithic.step(self.net, x, y)
             seen += len(y)
         sync(self.net.device)

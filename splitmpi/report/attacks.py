@@ -89,9 +89,9 @@ def _label_summary(run) -> dict:
 def label_table(runs) -> list[Table]:
     """Label inference from the feature gradients of each attack.labels run, per client,
     in its last epoch: the attacks' accuracies against chance (1 / the client's classes),
-    with the label defense and the client's test accuracy. ``[]`` when no run has one. A
-    run of more than ``reader.LIST_CLIENTS`` clients gets one row: the means over the
-    clients measured in the last epoch."""
+    with the label defenses (grad_clip, grad_noise, label_epsilon) and the client's test
+    accuracy. ``[]`` when no run has one. A run of more than ``reader.LIST_CLIENTS``
+    clients gets one row: the means over the clients measured in the last epoch."""
     rows = []
     for run in runs:
         defense = run.config.get("defense", {})
@@ -101,6 +101,7 @@ def label_table(runs) -> list[Table]:
                 rows.append({"path": str(run.path), "epoch": len(series_2d["rows"]),
                              "grad_clip": defense.get("grad_clip", 0.0),
                              "grad_noise": defense.get("grad_noise", 0.0),
+                             "label_epsilon": defense.get("label_epsilon", 0.0),
                              **_label_summary(run)})
             continue
         for k, series in run.label_inference.items():
@@ -111,6 +112,7 @@ def label_table(runs) -> list[Table]:
                 "path": str(run.path), "client": k, "epoch": len(series["rows"]),
                 "grad_clip": defense.get("grad_clip", 0.0),
                 "grad_noise": defense.get("grad_noise", 0.0),
+                "label_epsilon": defense.get("label_epsilon", 0.0),
                 "cosine": _fmt(last["cosine_accuracy"], 3),
                 "cluster": _fmt(last["cluster_accuracy"], 3),
                 "cluster_known": _fmt(last["cluster_known_accuracy"], 3),
@@ -222,7 +224,8 @@ def plot_attack(runs, outdir) -> list[Path]:
 # (defense kind, the defense key whose value is its strength), in the matrix's row order
 MATRIX_DEFENSES = (("noise", "noise_sigma"), ("nopeek", "nopeek_alpha"),
                    ("dropout", "dropout"), ("grad", "grad_noise"), ("gradclip", "grad_clip"),
-                   ("dp", "act_epsilon"), ("actclip", "act_clip"))
+                   ("dp", "act_epsilon"), ("actclip", "act_clip"),
+                   ("labeldp", "label_epsilon"))
 _SETUP = {"grad": "gradclip", "dp": "actclip"}  # grad_noise needs grad_clip, act_epsilon act_clip
 
 
