@@ -2,7 +2,7 @@
 """Privacy matrix: cut x defense x strength, each cell a real MPI run attacked afterwards.
 
     python jobs/privacy_sweep.py [-c CONFIG] [--out DIR] [--cuts 1 2 3 4]
-        [--defenses none noise nopeek dropout grad dp labeldp] [--noise 0.1 0.5 1]
+        [--defenses none noise nopeek dropout grad dp labeldp maxnorm] [--noise 0.1 0.5 1]
         [--nopeek 0.5 2] [--dropout 0.2 0.5] [--grad 0.1 0.5] [--grad-clip 0.2]
         [--dp 8 1] [--dp-clip 1] [--label-dp 2 1] [--defense-cuts 1]
         [--method decoder completion]
@@ -13,7 +13,9 @@ every cut, or only at --defense-cuts): ``noise`` (defense.noise_sigma), ``nopeek
 (defense.nopeek_alpha), ``dropout`` (defense.dropout), ``grad`` (defense.grad_noise, with
 defense.grad_clip=--grad-clip: against label inference), ``dp`` (defense.act_epsilon,
 with defense.act_clip=--dp-clip: DP activations; only where the config knows these keys)
-and ``labeldp`` (defense.label_epsilon: randomized response on the training labels).
+``labeldp`` (defense.label_epsilon: randomized response on the training labels) and
+``maxnorm`` (defense.grad_maxnorm=true, one cell: Li et al.'s defense against the norm
+attack).
 Cell names are ``<arch>-cut<cut>-<defense><strength>`` (e.g. ``cnn5-cut1-noise0.5``).
 
 Each cell is one results file, ``DIR/<cell>.h5`` (DIR: --out, else
@@ -82,8 +84,9 @@ def dp_known(path: str | None) -> bool:
 
 def cells(arch: str, cuts: list[str], strengths: dict[str, list[float]],
           defense_cuts: list[str] | None, grad_clip: float = 0.2,
-          dp_clip: float = 1.0) -> list[tuple[str, list[str]]]:
-    """(name, overrides) of every cell, in run order."""
+          dp_clip: float = 1.0, maxnorm: bool = False) -> list[tuple[str, list[str]]]:
+    """(name, overrides) of every cell, in run order; ``maxnorm`` adds the one cell of the
+    max-norm defense per cut (a switch: it has no strength)."""
     fixed = {"grad": [f"defense.grad_clip={grad_clip:g}"],
              "dp": [f"defense.act_clip={dp_clip:g}"]}
     out = []
@@ -96,6 +99,9 @@ def cells(arch: str, cuts: list[str], strengths: dict[str, list[float]],
                 out.append((f"{arch}-cut{cut}-{kind}{v:g}",
                             [f"model.cut={cut}", *fixed.get(kind, []),
                              f"{DEFENSE_KEYS[kind]}={v:g}"]))
+        if maxnorm:
+            out.append((f"{arch}-cut{cut}-maxnorm",
+                        [f"model.cut={cut}", "defense.grad_maxnorm=true"]))
     return out
 
 
@@ -173,7 +179,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                  "results/privacy)")
     p.add_argument("--cuts", nargs="+", help="cuts (default: every cut of model.arch that "
                                              "leaves a layer on the client)")
-    p.add_argument("--defenses", nargs="+", choices=("none", *DEFENSES),
+    p.add_argument("--defenses", nargs="+", choices=("none", *DEFENSES, "maxnorm"),
                    help="defenses to run (default: all; dp only where the config has "
                         "defense.act_clip); none = the undefended cells")
     p.add_argument("--noise", nargs="*", type=float, default=[0.1, 0.5, 1.0],
@@ -280,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         return error(f"no default cuts for model.arch={arch}; give them with --cuts "
                      "(python -m splitmpi --list-cuts lists them)")
     cuts = args.cuts or [str(c) for c in PAPER_CUTS[arch] if c != 0]
-    wanted = set(args.defenses or ("none", *DEFENSES))
+    wanted = set(args.defenses or ("none", *DEFENSES, "maxnorm"))
     if "dp" in wanted and not dp_known(args.config):
         if args.defenses and "dp" in args.defenses:
             return error("--defenses dp, but this splitmpi has no defense.act_clip")
@@ -291,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             if not v > 0:
                 return error(f"--{FLAGS.get(kind, kind)} {v:g}: a strength must be above 0 "
                              "(the undefended cell is 'none')")
-    todo = cells(arch, cuts, strengths, args.defense_cuts, args.grad_clip, args.dp_clip)
+    todo = cells(arch, cuts, strengths, args.defense_cuts, args.grad_clip, args.dp_clip,
+                 "maxnorm" in wanted)
     if "none" not in wanted:
         todo = [c for c in todo if not c[0].endswith("-none")]
     if args.only:

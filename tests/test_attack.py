@@ -380,7 +380,7 @@ def test_privacy_sweep_matrix_cells_commands_and_bad_input(tmp_path, sweep_main)
     assert proc.returncode == 0, proc.stderr
     said = swept(proc)
     assert list(said) == ["cnn5-cut1-none", "cnn5-cut1-noise0.5", "cnn5-cut1-grad0.5",
-                          "cnn5-cut2-none"]
+                          "cnn5-cut1-maxnorm", "cnn5-cut2-none"]
     train, decoder, completion = said["cnn5-cut1-grad0.5"].split(" && ")
     out = tmp_path / "cnn5-cut1-grad0.5.h5"
     assert train.split()[1:3] == ["-n", "3"] and "-m splitmpi " in train
@@ -408,8 +408,13 @@ def test_privacy_sweep_matrix_cells_commands_and_bad_input(tmp_path, sweep_main)
     said = swept(labeldp)
     assert list(said) == ["cnn5-cut1-labeldp2", "cnn5-cut1-labeldp1"]
     assert "defense.label_epsilon=1" in said["cnn5-cut1-labeldp1"].split(" && ")[0].split()
-    full = sweep_main("--dry-run", "--out", tmp_path)  # the default matrix: 4 cuts x 14
-    assert full.returncode == 0 and len(swept(full)) == 56, full.stderr
+    maxnorm = sweep_main("--dry-run", "--out", tmp_path, "--cuts", "2", "--defenses", "maxnorm")
+    assert maxnorm.returncode == 0, maxnorm.stderr
+    said = swept(maxnorm)
+    assert list(said) == ["cnn5-cut2-maxnorm"]
+    assert "defense.grad_maxnorm=true" in said["cnn5-cut2-maxnorm"].split(" && ")[0].split()
+    full = sweep_main("--dry-run", "--out", tmp_path)  # the default matrix: 4 cuts x 15
+    assert full.returncode == 0 and len(swept(full)) == 60, full.stderr
     for bad in (["--dropout", "1.5"], ["--noise", "0"], ["--grad", "-1"], ["--label-dp", "0"],
                 ["--only", "nothing*"], ["--", "output=x.h5"], ["--", "model.arch=vgg"]):
         proc = sweep_main("--dry-run", "--out", tmp_path, *bad)

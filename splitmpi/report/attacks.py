@@ -225,7 +225,7 @@ def plot_attack(runs, outdir) -> list[Path]:
 MATRIX_DEFENSES = (("noise", "noise_sigma"), ("nopeek", "nopeek_alpha"),
                    ("dropout", "dropout"), ("grad", "grad_noise"), ("gradclip", "grad_clip"),
                    ("dp", "act_epsilon"), ("actclip", "act_clip"),
-                   ("labeldp", "label_epsilon"))
+                   ("labeldp", "label_epsilon"), ("maxnorm", "grad_maxnorm"))
 _SETUP = {"grad": "gradclip", "dp": "actclip"}  # grad_noise needs grad_clip, act_epsilon act_clip
 
 
