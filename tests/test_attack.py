@@ -302,6 +302,28 @@ def test_completion_labels_a_runs_test_data_from_a_few_known_labels(split_run, t
         assert g["@test_samples"] == g["class_test_samples"].sum()
 
 
+def test_completion_of_a_diverged_run_is_nan_not_a_crash(split_run, tmp_path, capsys):
+    """A run whose cloud gives non-finite features (it diverged, as a strong gradient
+    noise can make it) has nothing to complete: accuracy NaN with a warning, exit 0, so a
+    matrix cell is finished rather than failed on every rerun."""
+    folder = tmp_path / "run.h5.ckpt"
+    shutil.copytree(f"{split_run}.ckpt", folder)
+    last = sorted(folder.glob("epoch-*"))[-1] / "rank-0.pt"
+    saved = torch.load(last, weights_only=True)
+    for tensor in saved["state"]["cloud"].values():
+        if tensor.is_floating_point():
+            tensor.fill_(float("nan"))
+    torch.save(saved, last)
+    out = tmp_path / "completion.h5"
+    assert main([f"attack.checkpoint={folder}", "attack.method=completion",
+                 f"attack.output={out}"]) == 0
+    said = capsys.readouterr()
+    assert "not finite (the run diverged" in said.err + said.out
+    g = groups(out)["completion"]
+    assert np.isnan(g["@accuracy"]) and np.isnan(g["class_accuracy"]).all()
+    assert g["class_test_samples"].sum() == g["@test_samples"] > 0
+
+
 def test_inversion_attacks_a_runs_saved_epoch(split_run, tmp_path):
     """A given epoch of a checkpoint folder: that epoch's client-2 extractor, the run's own
     config (no model or data keys on the command line), its utility the run's."""

@@ -70,16 +70,25 @@ def completion_attack(cfg: Config, target: Target) -> dict:
     index = torch.as_tensor(classes)  # the head's output j is class classes[j]
     y = torch.searchsorted(index, torch.as_tensor(targets[known]))
     features = cloud_features(target, x)
-    log.info(f"completion: fitting a linear head on {features.shape[1]} cloud features of "
-             f"{len(known)} known samples of client {k} (classes {classes})")
-    head = fit_head(features, y.to(features.device), len(classes))
     hits, seen = np.zeros(len(classes)), np.zeros(len(classes))
+    finite = bool(torch.isfinite(features).all())
+    if finite:
+        log.info(f"completion: fitting a linear head on {features.shape[1]} cloud features "
+                 f"of {len(known)} known samples of client {k} (classes {classes})")
+        head = fit_head(features, y.to(features.device), len(classes))
+    else:  # no head can be fitted on them, and the run learned nothing to complete
+        log.warning(f"completion: the cloud's features of client {k}'s known samples are "
+                    "not finite (the run diverged; its test accuracy "
+                    f"{target.accuracy:.3f}): accuracy NaN")
     with torch.no_grad():
         for xb, yb in test_loader:
-            guess = head(cloud_features(target, xb)).argmax(1).cpu()
             truth = torch.searchsorted(index, yb)
             np.add.at(seen, truth.numpy(), 1)
-            np.add.at(hits, truth[guess == truth].numpy(), 1)
+            if finite:
+                guess = head(cloud_features(target, xb)).argmax(1).cpu()
+                np.add.at(hits, truth[guess == truth].numpy(), 1)
+    if not finite:
+        hits[:] = np.nan
     return {"accuracy": float(hits.sum() / max(seen.sum(), 1)),
             "client_accuracy": float(target.accuracy), "chance": 1 / len(classes),
             "known_samples": len(known), "test_samples": int(seen.sum()),
