@@ -226,3 +226,24 @@ def test_randomised_labels_hide_the_labels_and_still_learn(tmp_path):
     for k, series in run.clients.items():
         assert series["train_loss"][-1] < series["train_loss"][0]
         assert series["test_accuracy"][-1] > found[k]["chance"] + 0.1  # 0.73 both
+
+
+def test_label_sharing_sends_the_randomised_labels(tmp_path):
+    """Under label_sharing the labels cross, so with defense.label_epsilon=2 (p = 0.65 over
+    5 classes) the server receives the randomized-response labels: the audit finds every
+    label batch it received among the batches the client trained on (the loaders' noisy
+    labels, test_label_epsilon_draws_once_per_sample_and_off_changes_nothing), the train
+    accuracy the server measures against them stays below p, and the server's head still
+    learns the true classes of the test data."""
+    mpirun.ok(3, "data.image_size=16", "train.epochs=3", "data.partition=[[0,1],[2,3,4]]",
+              "data.num_classes=5", "split.topology=label_sharing", "defense.label_epsilon=2",
+              "audit=true", "output=r.h5", cwd=tmp_path)
+    run = reader.read(tmp_path / "r.h5")
+    p = np.e ** 2 / (np.e ** 2 + 4)
+    for k, series in run.clients.items():
+        print(k, series["train_accuracy"].round(3).tolist(),
+              series["test_accuracy"].round(3).tolist(), run.audit[k]["label_matches"],
+              series["batches_served"])
+        assert (run.audit[k]["label_matches"] >= series["batches_served"]).all()
+        assert series["train_accuracy"][-1] < p  # agreement with the noisy labels
+        assert series["test_accuracy"].max() > 1 / len(run.classes[k]) + 0.1
