@@ -325,7 +325,8 @@ def matrix_table(runs) -> list[Table]:
 
 
 MATRIX_METRICS = (("psnr", "decoder PSNR (dB)"), ("ssim", "decoder SSIM"),
-                  ("labels", "label inference accuracy"), ("completion", "completion accuracy"))
+                  ("rmle_psnr", "rMLE PSNR (dB)"), ("labels", "label inference accuracy"),
+                  ("completion", "completion accuracy"))
 
 
 def plot_matrix(runs, outdir) -> list[Path]:
@@ -379,8 +380,8 @@ def plot_matrix(runs, outdir) -> list[Path]:
             for i, r in enumerate(rows):
                 for j, (k, _) in enumerate(cols):
                     v = values[i, j]
-                    text = "-" if not math.isfinite(v) else (f"{v:.1f}" if k == "psnr" else
-                                                             f"{v:.2f}")
+                    text = "-" if not math.isfinite(v) else (f"{v:.1f}" if k.endswith("psnr")
+                                                             else f"{v:.2f}")
                     dark = np.isfinite(colour[i, j]) and colour[i, j] > 0.6
                     ax.text(j, i, f"{text}\nacc {100 * r['accuracy']:.0f}%", ha="center",
                             va="center", fontsize=6, color="white" if dark else "black")
