@@ -9,7 +9,7 @@ import mpirun
 from splitmpi import config, data, leakage, reader
 from splitmpi.defense import Defense
 from splitmpi.errors import ConfigError
-from splitmpi.report.attacks import attack_tables
+from splitmpi.report.attacks import attack_tables, best_epoch
 
 
 def gradient_rows(classes: int, n: int = 300, width: int = 64, seed: int = 0):
@@ -185,6 +185,18 @@ def test_feature_gradients_leak_the_labels_and_the_audit_stays_clean(tmp_path):
     assert all(audit[k]["label_matches"].sum() == 0 for k in ("1", "2"))
     (table,) = [rows for title, rows in attack_tables([run]) if "Label inference" in title]
     assert [r["client"] for r in table] == [1, 2]
+    for row, k in zip(table, (1, 2)):  # the attacker's best epoch: never below the last
+        series = run.label_inference[k]
+        assert row["best_epoch"] == pytest.approx(max(
+            np.fmax(series["cosine_accuracy"], series["cluster_accuracy"])), abs=1e-3)
+        assert row["best_epoch"] >= max(row["cosine"], row["cluster"])
+
+
+def test_best_epoch_is_the_attackers_best_epoch_per_client():
+    cosine = np.array([[1.0, 0.5], [0.4, np.nan], [0.3, np.nan]])  # (epochs, clients)
+    cluster = np.array([[0.9, 0.6], [0.5, np.nan], [np.nan, np.nan]])
+    assert best_epoch(cosine, cluster).tolist() == [1.0, 0.6]
+    assert np.isnan(best_epoch(np.full((2, 1), np.nan), np.full((2, 1), np.nan))).all()
 
 
 def test_clipped_noisy_gradients_hide_the_labels(tmp_path):

@@ -71,16 +71,32 @@ LABEL_COLUMNS = (("cosine", "cosine_accuracy"), ("cluster", "cluster_accuracy"),
                  ("chance", "chance"))
 
 
+def best_epoch(cosine, cluster) -> np.ndarray:
+    """The attacker's best epoch: per client (the last axis) the highest of the cosine and
+    cluster accuracies over the epochs (the first axis), NaN where none was measured. Each
+    epoch sends every training sample's feature gradient again, so labels read in any
+    epoch are read: a defense that hides them only once the model is sure of its samples
+    (``defense.grad_maxnorm``) still gives them away in the first epochs."""
+    both = np.fmax(np.asarray(cosine, dtype=np.float64), np.asarray(cluster, dtype=np.float64))
+    seen = np.isfinite(both).any(axis=0)
+    return np.where(seen, np.max(np.where(np.isfinite(both), both, -np.inf), axis=0), np.nan)
+
+
 def _label_summary(run) -> dict:
     """A run of many clients in one row: each column the mean over the clients measured in
-    the last epoch (rows > 0), ``clients`` = how many; test accuracy the clients' mean."""
-    last = {n: np.asarray(v[-1], dtype=np.float64) for n, v in run.label_series.items()}
+    the last epoch (rows > 0), ``clients`` = how many; ``best_epoch`` the mean over the
+    clients measured in any epoch of ``best_epoch``; test accuracy the clients' mean."""
+    series = run.label_series
+    last = {n: np.asarray(v[-1], dtype=np.float64) for n, v in series.items()}
     measured = np.nan_to_num(last["rows"]) > 0
     mean = {n: float(np.nanmean(v[measured])) if measured.any() and
             np.isfinite(v[measured]).any() else float("nan") for n, v in last.items()}
+    best = best_epoch(series["cosine_accuracy"], series["cluster_accuracy"])
     acc = np.asarray(run.series["test_accuracy"][-1], dtype=np.float64)
     return {"client": f"mean of {int(measured.sum())}/{len(measured)}",
             **{col: _fmt(mean[name], 3) for col, name in LABEL_COLUMNS},
+            "best_epoch": _fmt(float(np.nanmean(best)) if np.isfinite(best).any()
+                               else float("nan"), 3),
             "rows": int(np.nansum(last["rows"])),
             "test_accuracy_pct": _fmt(100 * float(np.nanmean(acc)) if np.isfinite(acc).any()
                                       else float("nan"))}
@@ -89,9 +105,10 @@ def _label_summary(run) -> dict:
 def label_table(runs) -> list[Table]:
     """Label inference from the feature gradients of each attack.labels run, per client,
     in its last epoch: the attacks' accuracies against chance (1 / the client's classes),
-    with the label defenses (grad_clip, grad_noise, label_epsilon) and the client's test
-    accuracy. ``[]`` when no run has one. A run of more than ``reader.LIST_CLIENTS``
-    clients gets one row: the means over the clients measured in the last epoch."""
+    ``best_epoch`` (the best of cosine and cluster in the attacker's best epoch), with the
+    label defenses (grad_clip, grad_noise, label_epsilon) and the client's test accuracy.
+    ``[]`` when no run has one. A run of more than ``reader.LIST_CLIENTS`` clients gets one
+    row: the means over the clients measured in the last epoch."""
     rows = []
     for run in runs:
         defense = run.config.get("defense", {})
@@ -117,10 +134,13 @@ def label_table(runs) -> list[Table]:
                 "cluster": _fmt(last["cluster_accuracy"], 3),
                 "cluster_known": _fmt(last["cluster_known_accuracy"], 3),
                 "norm_auc": _fmt(last["norm_auc"], 3), "chance": _fmt(last["chance"], 3),
+                "best_epoch": _fmt(float(best_epoch(series["cosine_accuracy"],
+                                                    series["cluster_accuracy"])), 3),
                 "rows": int(last["rows"]) if math.isfinite(last["rows"]) else 0,
                 "test_accuracy_pct": _fmt(100 * float(run.clients[k]["test_accuracy"][-1]))})
-    title = ("Label inference from the U-shape's feature gradients (last epoch; accuracy "
-             "of the label guessed for each row the attacker did not know)")
+    title = ("Label inference from the U-shape's feature gradients (last epoch, and "
+             "best_epoch: the attacker's best epoch; accuracy of the label guessed for each "
+             "row the attacker did not know)")
     return [Table(title, rows)] if rows else []
 
 
@@ -248,8 +268,9 @@ def matrix_records(runs) -> list[dict]:
     inference (``attack.labels=true``, as every cell of jobs/privacy_sweep.py) or a
     completion group; a run with an inversion group alone is left to
     ``inversion_tables``. The record: its cut, defense, the clients' mean final test accuracy,
-    decoder PSNR/SSIM, label inference (per client the best of cosine and cluster accuracy
-    in the last epoch, mean over clients) and model-completion accuracy."""
+    decoder PSNR/SSIM, label inference (per client ``best_epoch``: the best of cosine and
+    cluster accuracy in the attacker's best epoch; mean over clients) and model-completion
+    accuracy."""
     records = []
     for run in runs:
         clients = getattr(run, "clients", {}) or {}
@@ -267,17 +288,17 @@ def matrix_records(runs) -> list[dict]:
                     if len(c.get("test_accuracy", []))]
         best, chance = [], []
         found = getattr(run, "label_series", None)
-        if found and len(found["rows"]):  # (epochs, N): the clients measured in the last one
-            measured = np.nan_to_num(found["rows"][-1]) > 0
-            best = np.fmax(found["cosine_accuracy"][-1], found["cluster_accuracy"][-1])[
+        if found and len(found["rows"]):  # (epochs, N): the clients measured in any epoch
+            measured = (np.nan_to_num(found["rows"]) > 0).any(axis=0)
+            best = best_epoch(found["cosine_accuracy"], found["cluster_accuracy"])[
                 measured].tolist()
-            chance = found["chance"][-1][measured].tolist()
+            chance = np.nanmax(found["chance"][:, measured], axis=0).tolist()
         elif not found:
             for series in labels.values():
                 if len(series["rows"]):
-                    best.append(max(float(series["cosine_accuracy"][-1]),
-                                    float(series["cluster_accuracy"][-1])))
-                    chance.append(float(series["chance"][-1]))
+                    best.append(float(best_epoch(series["cosine_accuracy"],
+                                                 series["cluster_accuracy"])))
+                    chance.append(float(np.nanmax(series["chance"])))
         g = {m: groups.get(m, {}) for m in ("decoder", "rmle", "completion")}
         cut = cfg.get("model", {}).get("cut", "")
         eps = getattr(run, "epsilon", None)  # DP activations: the epsilon spent at the end
@@ -319,8 +340,8 @@ def matrix_table(runs) -> list[Table]:
             for r in records]
     title = ("Attack x defense matrix (one training run per cell: clients' mean final test "
              "accuracy; decoder PSNR/SSIM and completion on client attack.client's last "
-             "checkpoint; label inference = best of cosine/cluster, mean over clients, last "
-             "epoch)")
+             "checkpoint; label inference = best of cosine/cluster in the attacker's best "
+             "epoch, mean over clients)")
     return [Table(title, rows)] if rows else []
 
 
