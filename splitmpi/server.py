@@ -87,6 +87,7 @@ class Server:
     gather: int = 1  # clients whose batches one training step takes (split.mode=parallel)
     # attack.labels: feature-gradient rows received from each client in this train phase
     label_rows: dict[int, list[torch.Tensor]] | None = None
+    diverged: bool = False  # a client's train loss was not finite: warned once
 
     def model(self) -> Trainable:
         """The one model: what sl and sfl_v2 train, and what clients are evaluated through."""
@@ -214,6 +215,7 @@ def run(ctx: Context, server: Server, writer: results.ResultsWriter, start: int 
         for k, report in reports.items():
             report.update(served[k])
         _log_clients(title, reports)
+        _warn_divergence(server, title, reports)
         writer.append_epoch(seconds, reports, [ctx.transport.counters()] + from_ranks)
         if cfg.defense.act_clip > 0:
             log.info(f"{title} DP activations: epsilon "
@@ -294,6 +296,23 @@ def _log_clients(title: str, reports: dict[int, dict]) -> None:
                      f"{found['cluster_accuracy']:.3f} (named by known rows "
                      f"{found['cluster_known_accuracy']:.3f}), norm AUC "
                      f"{found['norm_auc']:.3f}, chance {found['chance']:.3f}")
+
+
+def _warn_divergence(server: Server, title: str, reports: dict[int, dict]) -> None:
+    """Once per run, a warning when a client's train loss stops being finite: NaN weights
+    stay NaN, so every later epoch of the run is spent learning nothing, and the numbers
+    alone (a NaN in a long log) are easy to miss."""
+    bad = [k for k, r in reports.items()
+           if r["participated"] and not np.isfinite(r["train_loss"])]
+    if not bad or server.diverged:
+        return
+    server.diverged = True
+    who = (f"client {bad[0]}" if len(bad) == 1 else
+           f"{len(bad)} clients ({', '.join(map(str, bad[:8]))}{', ...' if len(bad) > 8 else ''})")
+    log.warning(f"{title}: the train loss of {who} is not finite: the run has diverged, "
+                "and its later epochs learn nothing. Lower train.lr, or the noise of a "
+                "defense (defense.act_epsilon with its act_clip, defense.grad_noise: "
+                "docs/privacy.md), and run it again")
 
 
 def average_copies(server: Server, shards: list[int]) -> None:

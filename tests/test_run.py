@@ -104,6 +104,20 @@ def test_quiet_and_verbose(tmp_path):
         assert f"rank 0] epoch 1/1 client {k}: 6 batches served" in verbose.stdout
 
 
+def test_a_diverged_run_says_so_once(tmp_path):
+    """A learning rate that blows the weights up: every client's train loss is NaN from the
+    first epoch, and rank 0 warns once (not every epoch) that the run diverged and what to
+    lower; the run still ends normally with its NaNs in the file."""
+    proc = mpirun.ok(3, *mpirun.TINY, "train.epochs=3", "train.lr=1e6", "output=n.h5",
+                     cwd=tmp_path)
+    said = proc.stdout + proc.stderr
+    assert said.count("the run has diverged") == 1, said
+    assert "WARNING: epoch 1/3: the train loss of 2 clients (1, 2) is not finite" in said
+    assert "Lower train.lr" in said
+    run = reader.read(tmp_path / "n.h5")
+    assert all(np.isnan(s["train_loss"]).all() for s in run.clients.values())
+
+
 def test_same_seed_same_numbers(tmp_path):
     """Bit for bit, whichever way the ranks wait for messages."""
     runs = []
