@@ -30,7 +30,8 @@ from .population import Bank
 
 _NORM = nn.modules.batchnorm._BatchNorm
 
-# One flat float32 buffer per bank, kept between epochs: a fresh one would fault in
+# One flat float32 buffer per shared module (the extractor; under SplitFed the classifier
+# too, averaged right after it), kept between epochs: a fresh one would fault in
 # and zero new pages every time (resnet50 layer3: 34 MB, 35 ms of the 57 ms on one core).
 _FLAT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -96,9 +97,9 @@ def average(bank: Bank, module: nn.Module, members: list[int], clients: MPI.Comm
     if total == 0:
         return 0
     length = total + (weights is not None)
-    flat = _FLAT.get(bank)
+    flat = _FLAT.get(module)
     if flat is None or flat.numel() != length:
-        flat = _FLAT[bank] = torch.empty(length, dtype=torch.float32)
+        flat = _FLAT[module] = torch.empty(length, dtype=torch.float32)
     values = flat[:total]
     values.zero_()
     for n, i in enumerate(rows):
