@@ -710,12 +710,17 @@ class Shards:
         sample from (seed, client, LABEL_STREAM), never from torch's generators, so every
         epoch (and a resumed run) trains on the same noisy label and everything the client
         sends is post-processing of it (docs/privacy.md, "The label defense")."""
-        epsilon = self.cfg.defense.label_epsilon
-        if epsilon <= 0:
+        if self.cfg.defense.label_epsilon <= 0:
             return None
-        true = self.targets[self.indices(k)[0]]
+        mine = self.indices(k)[0]
+        return self._randomised(k, mine), self.targets[mine]
+
+    def _randomised(self, k: int, mine: np.ndarray) -> np.ndarray:
+        """The labels client k trains on, of its train samples ``mine`` (its capped train
+        indices, in order): ``trained_labels``'s draw, for a caller that has ``mine``."""
         rng = np.random.default_rng(_client_seed(self.cfg.train.seed, k, 0, LABEL_STREAM))
-        return randomised_response(true, spec(self.cfg.data).num_classes, epsilon, rng), true
+        return randomised_response(self.targets[mine], spec(self.cfg.data).num_classes,
+                                   self.cfg.defense.label_epsilon, rng)
 
     def loaders(self, k: int) -> tuple[DataLoader, DataLoader, list[int]]:
         """Train and test loaders of client k. The train loader's ``sampler`` is an
@@ -723,9 +728,8 @@ class Shards:
         Under ``defense.label_epsilon`` its items are (image, trained label, true label)
         (``Randomised``); the test loader's labels are always the true ones."""
         train, test, classes = self.datasets(k)
-        labels = self.trained_labels(k)
-        if labels is not None:
-            train = Randomised(train, labels[0])
+        if self.cfg.defense.label_epsilon > 0:  # (its indices, not indices(k) once more)
+            train = Randomised(train, self._randomised(k, np.asarray(train.indices)))
         cfg = self.cfg
         workers = cfg.data.workers
         common = dict(batch_size=cfg.train.batch_size, drop_last=False, num_workers=workers,
